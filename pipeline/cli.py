@@ -1,0 +1,167 @@
+"""Command-line interface: one thin subcommand per DVC stage (``pipeline --help``).
+
+Each command only parses options and params, then calls the stage's ``run`` function. Errors a
+user can fix are printed as one line (``Error: ...``), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import PipelineError
+
+PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", show_default=True,
+                             type=click.Path(dir_okay=False),
+                             help="params file whose sections configure the stage")
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted; no partial output was kept.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pipeline")
+def main() -> None:
+    """Transfer learning for image classification, from a folder of images to one ONNX file.
+
+    Stages (chained by dvc.yaml, run them all with `dvc repro`):
+    prepare -> features -> train-head.
+    """
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--out", default="data/prepared", show_default=True, type=click.Path(),
+              help="output folder: manifest.csv, classes.json, rejected.csv, summary.json")
+@friendly_errors
+def prepare(params_path: str, out: str) -> None:
+    """Scan, validate and split the images (params: prepare.*)."""
+    from .params import read_section
+    from .prepare import PrepareParams, run
+
+    params = read_section(params_path, PrepareParams, "prepare")
+    summary = run(params, out)
+    click.echo(f"prepare: {summary['num_images']} images in {summary['num_classes']} classes "
+               f"(train/val/test {'/'.join(str(v) for v in summary['split_counts'].values())}), "
+               f"{summary['num_rejected']} rejected (see {out}/rejected.csv)")
+    if summary["empty_class_folders_ignored"]:
+        click.echo(f"warning: empty class folders ignored: "
+                   f"{', '.join(summary['empty_class_folders_ignored'])}", err=True)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(),
+              help="output folder of `pipeline prepare`")
+@click.option("--out", default="data/features", show_default=True, type=click.Path(),
+              help="feature cache folder to write")
+@click.option("--metrics", default="metrics/features.json", show_default=True,
+              type=click.Path(dir_okay=False), help="timings of this run (JSON)")
+@friendly_errors
+def features(params_path: str, prepared: str, out: str, metrics: str) -> None:
+    """Run the frozen backbone once and cache features (params: backbone.*, features.*)."""
+    from .backbones import BackboneParams
+    from .features import FeaturesParams, run
+    from .params import read_section
+
+    backbone = read_section(params_path, BackboneParams, "backbone")
+    params = read_section(params_path, FeaturesParams, "features")
+    result = run(backbone, params, prepared, out, metrics)
+    click.echo(f"features: {result['images']} images, {result['images_per_second_backbone']} "
+               f"img/s on {result['provider']} ({result['threads']} threads) -> {out}")
+
+
+@main.command("train-head")
+@PARAMS_OPTION
+@click.option("--features", "features_dir", default="data/features", show_default=True,
+              type=click.Path(), help="feature cache written by `pipeline features`")
+@click.option("--model", default="models/head.safetensors", show_default=True,
+              type=click.Path(dir_okay=False), help="head weights to write (safetensors)")
+@click.option("--config", default="models/head.json", show_default=True,
+              type=click.Path(dir_okay=False), help="head config to write (JSON)")
+@click.option("--metrics", default="metrics/head.json", show_default=True,
+              type=click.Path(dir_okay=False), help="val/test metrics to write (JSON)")
+@click.option("--plots", default="plots/head", show_default=True, type=click.Path(),
+              help="folder for training.csv and confusion.csv")
+@friendly_errors
+def train_head(params_path: str, features_dir: str, model: str, config: str, metrics: str,
+               plots: str) -> None:
+    """Train a classification head on cached features (params: train_head.*)."""
+    from .params import read_section
+    from .train_head import TrainHeadParams, run
+
+    run(read_section(params_path, TrainHeadParams, "train_head"), features_dir, model, config,
+        metrics, plots)
+
+
+@main.command("bench-features")
+@PARAMS_OPTION
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
+@click.option("--images", default=128, show_default=True, type=click.IntRange(1),
+              help="number of prepared images to time")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="batch size (default: features.batch_size)")
+@click.option("--threads", type=click.IntRange(0), default=None,
+              help="threads for both engines (default: features.threads; 0 = all CPUs)")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--out", default="reports/bench_features.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@friendly_errors
+def bench_features(params_path: str, prepared: str, images: int, batch_size: int | None,
+                   threads: int | None, repeats: int, out: str) -> None:
+    """Time feature extraction (onnxruntime vs PyTorch eager) and head epochs (cached vs not)."""
+    import dataclasses
+
+    from .backbones import BackboneParams
+    from .bench_stages import run
+    from .features import FeaturesParams
+    from .params import read_section
+    from .train_head import TrainHeadParams
+
+    features_params = read_section(params_path, FeaturesParams, "features")
+    overrides = {k: v for k, v in (("batch_size", batch_size), ("threads", threads))
+                 if v is not None}
+    features_params = dataclasses.replace(features_params, **overrides)
+    run(read_section(params_path, BackboneParams, "backbone"), features_params,
+        read_section(params_path, TrainHeadParams, "train_head"), prepared, out,
+        images=images, repeats=repeats)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--weights", default="default", show_default=True,
+              help="default | none | torchvision enum name | local weights file")
+@friendly_errors
+def backbones(name: str | None, weights: str) -> None:
+    """List the backbone registry, or describe NAME (preprocessing, feature dim, blocks)."""
+    import json
+
+    from .backbones import BackboneParams, build_backbone, registry_help
+
+    if name is None:
+        click.echo(f"Backbones: {registry_help()}.")
+        click.echo("Describe one with `pipeline backbones NAME [--weights none]`.")
+        return
+    backbone = build_backbone(BackboneParams(name=name, weights=weights))
+    info = backbone.describe()
+    info["block_groups"] = [f"{g[0]} .. ({len(g)} tensors)" for g in backbone.block_groups]
+    click.echo(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

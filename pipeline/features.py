@@ -1,0 +1,219 @@
+"""Stage 2, features: run the frozen pretrained backbone once and cache its features on disk.
+
+The backbone is exported to ONNX and run with onnxruntime (``features.engine: onnxruntime``,
+several times faster than PyTorch eager on CPU), or run in PyTorch (``engine: torch``). The
+first batch is also run through the PyTorch model and the largest difference is checked against
+``features.verify_tolerance`` (1e-4), so a bad export cannot go unnoticed.
+
+Features are streamed batch by batch into a memory-mapped ``features.npy`` (a data set larger
+than RAM works). Outputs in ``--out`` (written to a temporary folder, then renamed):
+``features.npy`` (N x D float32, manifest order), ``labels.npy`` (int64), ``splits.npy``
+(int8: 0 train, 1 val, 2 test) and ``meta.json`` (backbone, preprocessing, shapes, classes).
+Timings go to ``--metrics`` (they differ between runs; the cache itself is byte-identical).
+
+Run: ``pipeline features --prepared data/prepared --out data/features``
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from .atomic import atomic_dir, write_json
+from .backbones import Backbone, BackboneParams, build_backbone
+from .errors import PipelineError
+from .imageio import ImageRejected, load_rgb
+from .params import as_dict, param
+from .prepare import SPLITS, image_root, read_prepared
+from .preprocess import Preprocessing, preprocess
+from .runtime import resolve_threads
+
+FEATURES_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FeaturesParams:
+    """``features`` section of params.yaml."""
+
+    engine: Literal["onnxruntime", "torch"] = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+    batch_size: int = param(32, ge=1, le=4096)
+    threads: int = param(0, ge=0, help="0: one per CPU this process may use")
+    workers: int = param(0, ge=0, help="image-decoding worker processes (0: in-process)")
+    verify_tolerance: float = param(1e-4, gt=0.0)
+
+
+def iter_batches(paths: list[Path], pp: Preprocessing, batch_size: int, workers: int,
+                 max_pixels: int | None = None) -> Iterator[np.ndarray]:
+    """Yield float32 NCHW batches in order; decoding may run in worker processes."""
+    from torch.utils.data import DataLoader, Dataset
+
+    class _Images(Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, index: int) -> np.ndarray:
+            try:
+                return preprocess(load_rgb(paths[index], **({"max_pixels": max_pixels}
+                                                            if max_pixels else {})), pp)
+            except ImageRejected as exc:
+                raise PipelineError(f"{paths[index]}: {exc} (the image changed after prepare; "
+                                    "re-run prepare)") from None
+
+    loader = DataLoader(_Images(), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=lambda items: np.stack(items))
+    yield from loader
+
+
+def make_extractor(backbone: Backbone, params: FeaturesParams,
+                   workdir: Path) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """Return (batch -> features function, provider description)."""
+    import torch
+
+    if params.engine == "torch":
+        device = torch.device(params.device)
+        if params.device == "cuda" and not torch.cuda.is_available():
+            raise PipelineError("features.device is cuda but torch sees no GPU; set "
+                                "features.device: cpu")
+        model = backbone.model.to(device)
+
+        def run_torch(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+
+        return run_torch, f"torch:{device}"
+
+    from .onnx_utils import cpu_session, export_module
+
+    size = backbone.preprocessing.input_size
+    onnx_path = export_module(backbone.model, torch.zeros(2, 3, size, size),
+                              workdir / "backbone.onnx", input_name="pixels",
+                              output_names=("features",))
+    session = cpu_session(onnx_path, params.threads, params.device)
+
+    def run_ort(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {"pixels": batch})[0]
+
+    return run_ort, f"onnxruntime:{session.get_providers()[0]}"
+
+
+def reference_features(backbone: Backbone, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return backbone.model.cpu()(torch.from_numpy(batch)).numpy()
+
+
+def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: str | Path,
+        out_dir: str | Path, metrics_path: str | Path | None = None) -> dict[str, Any]:
+    """Extract features for every manifest row into ``out_dir``; return timing metrics."""
+    import torch
+
+    summary, classes, rows = read_prepared(prepared_dir)
+    root = image_root(prepared_dir, summary)
+    threads = resolve_threads(params.threads)
+    torch.set_num_threads(threads)
+    backbone = build_backbone(backbone_params)
+    paths = [root / row["path"] for row in rows]
+    class_index = {c: i for i, c in enumerate(classes)}
+    try:
+        labels = np.array([class_index[row["label"]] for row in rows], dtype=np.int64)
+        splits = np.array([SPLITS.index(row["split"]) for row in rows], dtype=np.int8)
+    except (KeyError, ValueError) as exc:
+        raise PipelineError(f"{prepared_dir}/manifest.csv: unexpected label or split {exc}; "
+                            "re-run prepare") from None
+    n, dim = len(rows), backbone.feature_dim
+    started = time.perf_counter()
+    max_diff = None
+    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as work:
+        extract, provider = make_extractor(backbone, params, Path(work))
+        features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
+                                             dtype=np.float32, shape=(n, dim))
+        done = 0
+        extract_seconds = 0.0
+        batches = iter_batches(paths, backbone.preprocessing, params.batch_size, params.workers,
+                               summary.get("params", {}).get("max_image_pixels"))
+        with tqdm(total=n, desc=f"features ({provider})", unit="img") as bar:
+            for batch in batches:
+                t0 = time.perf_counter()
+                out = extract(batch)
+                extract_seconds += time.perf_counter() - t0
+                if out.shape != (len(batch), dim):
+                    raise PipelineError(f"backbone returned shape {out.shape}, expected "
+                                        f"({len(batch)}, {dim})")
+                if done == 0 and params.engine != "torch":
+                    max_diff = float(np.abs(out - reference_features(backbone, batch)).max())
+                    if not max_diff <= params.verify_tolerance:
+                        raise PipelineError(
+                            f"features differ from the PyTorch reference by {max_diff:.3g} > "
+                            f"features.verify_tolerance={params.verify_tolerance:g}; use "
+                            "features.engine: torch for this backbone")
+                features[done:done + len(batch)] = out
+                done += len(batch)
+                bar.update(len(batch))
+        features.flush()
+        del features
+        np.save(tmp / "labels.npy", labels)
+        np.save(tmp / "splits.npy", splits)
+        meta = {
+            "format": FEATURES_FORMAT,
+            "backbone": backbone.describe(),
+            "feature_shape": [n, dim],
+            "dtype": "float32",
+            "classes": classes,
+            "split_codes": list(SPLITS),
+            "split_counts": {s: int((splits == i).sum()) for i, s in enumerate(SPLITS)},
+            "manifest_sha256": summary["manifest_sha256"],
+            "engine": params.engine,
+            "params": as_dict(params) | {"threads": threads},
+        }
+        write_json(tmp / "meta.json", meta)
+    total = time.perf_counter() - started
+    metrics = {
+        "images": n,
+        "provider": provider,
+        "threads": threads,
+        "batch_size": params.batch_size,
+        "seconds_total": round(total, 3),
+        "seconds_backbone": round(extract_seconds, 3),
+        "images_per_second_backbone": round(n / extract_seconds, 2) if extract_seconds else None,
+        "max_abs_diff_vs_torch_first_batch": max_diff,
+    }
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+    return metrics
+
+
+@dataclass
+class FeatureCache:
+    features: np.ndarray  # memory-mapped (N, D)
+    labels: np.ndarray
+    splits: np.ndarray
+    meta: dict[str, Any]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        mask = self.splits == SPLITS.index(name)
+        return np.asarray(self.features[mask]), self.labels[mask]
+
+
+def load_cache(features_dir: str | Path) -> FeatureCache:
+    features_dir = Path(features_dir)
+    meta_path = features_dir / "meta.json"
+    if not meta_path.is_file():
+        raise PipelineError(f"{meta_path} not found; run `pipeline features` first")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != FEATURES_FORMAT:
+        raise PipelineError(f"{meta_path}: unsupported feature cache format; re-run features")
+    features = np.load(features_dir / "features.npy", mmap_mode="r")
+    labels = np.load(features_dir / "labels.npy")
+    splits = np.load(features_dir / "splits.npy")
+    if list(features.shape) != meta["feature_shape"] or len(labels) != len(features):
+        raise PipelineError(f"{features_dir}: feature cache is inconsistent; re-run features")
+    return FeatureCache(features, labels, splits, meta)

@@ -1,0 +1,77 @@
+"""ONNX helpers shared by the features stage (frozen backbone) and, later, the export stage."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import PipelineError
+from .runtime import resolve_threads
+
+DEFAULT_OPSET = 18
+
+
+def export_module(model: Any, example: Any, path: str | Path, *, input_name: str = "input",
+                  output_names: Sequence[str] = ("output",), opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``model`` (eval mode) to one self-contained ONNX file with a dynamic batch axis."""
+    import onnx
+    import torch
+
+    path = Path(path)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                model, (example,), input_names=[input_name], output_names=list(output_names),
+                dynamic_shapes={next(iter(_forward_arg_names(model))): {0: batch}},
+                opset_version=opset, dynamo=True, optimize=True, verbose=False)
+        program.save(str(path), external_data=False)
+    except Exception as exc:
+        raise PipelineError(f"ONNX export of {type(model).__name__} failed: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") \
+            from None
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def _forward_arg_names(model: Any) -> list[str]:
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    return params or ["x"]
+
+
+def session_options(threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = resolve_threads(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+def cpu_session(path: str | Path, threads: int = 0, device: str = "cpu") -> Any:
+    """An onnxruntime session; ``device='cuda'`` asks for CUDA and checks it was granted."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise PipelineError("features.device is cuda but onnxruntime has no "
+                                "CUDAExecutionProvider here; set features.device: cpu")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise PipelineError("onnxruntime fell back to CPU although features.device is cuda "
+                            "(CUDA libraries missing?); set features.device: cpu")
+    return session

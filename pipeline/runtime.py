@@ -1,0 +1,40 @@
+"""CPU/thread sizing shared by every stage: threads follow the CPUs this process may use."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: affinity mask, capped by a cgroup CPU quota."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    v2 = Path("/sys/fs/cgroup/cpu.max")
+    try:
+        if v2.exists():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        q = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        p = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+        if q.exists() and p.exists():
+            quota_us = int(q.read_text())
+            return None if quota_us <= 0 else quota_us / int(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def resolve_threads(threads: int) -> int:
+    """``threads`` from params: 0 means one per available CPU."""
+    return threads if threads > 0 else available_cpus()

@@ -1,0 +1,66 @@
+"""Shared fixtures: small generated images and data sets, a tiny random-init backbone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BACKBONE = {"name": "timm:test_efficientnet", "weights": "none"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_image(path: Path, seed: int, size: tuple[int, int] = (40, 32), mode: str = "RGB",
+               fmt: str | None = None) -> Path:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """root/<class>/*.png with 3 classes x 8 distinct images."""
+    root = tmp_path / "images"
+    for c, name in enumerate(["cat", "dog", "fox"]):
+        for i in range(8):
+            make_image(root / name / f"{i}.png", seed=100 * c + i)
+    return root
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """Environment whose PATH finds this interpreter's `pipeline` and `dvc` scripts."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def copy_project(dest: Path) -> None:
+    """Copy what `dvc repro` needs (dvc.yaml, the package, data/images) into ``dest``."""
+    shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
+    shutil.copytree(REPO / "pipeline", dest / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "data" / "images").mkdir(parents=True)
+    shutil.copy(REPO / "data" / "images" / "README.md", dest / "data" / "images" / "README.md")

@@ -1,0 +1,65 @@
+"""End to end: the real `dvc repro` chain on a tiny params set (real embedded backbone)."""
+
+import json
+import subprocess
+
+import pytest
+
+from .conftest import copy_project
+
+TINY_PARAMS = """\
+prepare:
+  source: sklearn-digits
+  path: data/images  # dvc.yaml tracks this folder as a dependency
+  max_images_per_class: 20
+  val_fraction: 0.2
+  test_fraction: 0.2
+backbone:
+  name: efficientnet_lite0
+  weights: default
+features:
+  batch_size: 16
+  threads: 2
+train_head:
+  epochs: 20
+  lr: 3.0e-3
+  threads: 2
+"""
+
+
+def sh(args, cwd, env):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
+    copy_project(tmp_path)
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS)
+    sh(["git", "init", "-q"], tmp_path, cli_env)
+    sh(["dvc", "init", "-q"], tmp_path, cli_env)
+    sh(["dvc", "config", "core.analytics", "false"], tmp_path, cli_env)
+    sh(["dvc", "repro"], tmp_path, cli_env)
+
+    metrics = json.loads((tmp_path / "metrics" / "head.json").read_text())
+    assert metrics["test"]["num_samples"] == 40  # 10 digits x 4 test images
+    assert metrics["test"]["accuracy"] > 0.5  # 12 training images per class; chance is 0.1
+    features = (tmp_path / "data" / "features" / "features.npy").read_bytes()
+    assert (tmp_path / "models" / "head.safetensors").is_file()
+    assert "Test confusion matrix" in (tmp_path / "dvc.yaml").read_text()
+
+    second = sh(["dvc", "repro"], tmp_path, cli_env)
+    assert "Running stage" not in second  # nothing changed: nothing runs
+
+    sh(["dvc", "repro", "--force"], tmp_path, cli_env)
+    assert (tmp_path / "data" / "features" / "features.npy").read_bytes() == features
+    assert json.loads((tmp_path / "metrics" / "head.json").read_text()) == metrics
+
+    shown = sh(["dvc", "metrics", "show", "--json"], tmp_path, cli_env)
+    assert "test.accuracy" in shown or '"accuracy"' in shown
+
+    # a params change re-runs only what depends on it
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("epochs: 20", "epochs: 10"))
+    third = sh(["dvc", "repro"], tmp_path, cli_env)
+    assert "Running stage 'train_head'" in third and "Running stage 'features'" not in third

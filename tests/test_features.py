@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import features as features_module
+from pipeline.backbones import BackboneParams, build_backbone
+from pipeline.errors import PipelineError
+from pipeline.features import FeaturesParams, load_cache, reference_features, run
+from pipeline.prepare import PrepareParams, image_root, read_prepared
+from pipeline.prepare import run as prepare
+
+from .conftest import TINY_BACKBONE
+
+TINY = BackboneParams(**TINY_BACKBONE)
+
+
+@pytest.fixture
+def prepared(image_folder, tmp_path):
+    out = tmp_path / "prepared"
+    prepare(PrepareParams(source="folder", path=str(image_folder)), out)
+    return out
+
+
+def test_onnxruntime_features_match_pytorch_reference(prepared, tmp_path):
+    metrics = run(TINY, FeaturesParams(batch_size=5), prepared, tmp_path / "f",
+                  tmp_path / "m.json")
+    cache = load_cache(tmp_path / "f")
+    assert cache.features.shape == (24, 256) and cache.features.dtype == np.float32
+    assert isinstance(cache.features, np.memmap)
+    # full PyTorch reference over every image, in manifest order
+    summary, classes, rows = read_prepared(prepared)
+    backbone = build_backbone(TINY)
+    batches = features_module.iter_batches([image_root(prepared, summary) / r["path"] for r in rows],
+                                           backbone.preprocessing, 7, 0)
+    reference = np.concatenate([reference_features(backbone, b) for b in batches])
+    assert np.abs(np.asarray(cache.features) - reference).max() <= 1e-4
+    assert metrics["max_abs_diff_vs_torch_first_batch"] <= 1e-4
+    assert json.loads((tmp_path / "m.json").read_text())["images"] == 24
+    assert cache.labels.tolist() == [classes.index(r["label"]) for r in rows]
+    assert cache.meta["backbone"]["feature_dim"] == 256
+    assert cache.meta["split_counts"] == {"train": 18, "val": 3, "test": 3}
+
+
+def test_rerun_is_byte_identical_and_torch_engine_agrees(prepared, tmp_path):
+    run(TINY, FeaturesParams(batch_size=4, threads=1), prepared, tmp_path / "a")
+    run(TINY, FeaturesParams(batch_size=4, threads=1), prepared, tmp_path / "b")
+    for name in ("features.npy", "labels.npy", "splits.npy", "meta.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    run(TINY, FeaturesParams(engine="torch", batch_size=4, threads=1), prepared, tmp_path / "t")
+    diff = np.abs(np.load(tmp_path / "a" / "features.npy") - np.load(tmp_path / "t" / "features.npy"))
+    assert diff.max() <= 1e-4
+
+
+def test_interrupted_run_leaves_previous_cache(prepared, tmp_path, monkeypatch):
+    out = tmp_path / "f"
+    run(TINY, FeaturesParams(batch_size=4), prepared, out)
+    before = (out / "features.npy").read_bytes()
+    real = features_module.make_extractor
+
+    def failing_extractor(*args, **kwargs):
+        extract, provider = real(*args, **kwargs)
+        calls = {"n": 0}
+
+        def flaky(batch):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return extract(batch)
+
+        return flaky, provider
+
+    monkeypatch.setattr(features_module, "make_extractor", failing_extractor)
+    with pytest.raises(KeyboardInterrupt):
+        run(TINY, FeaturesParams(batch_size=4), prepared, out)
+    assert (out / "features.npy").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".f.")] == []
+
+
+def test_verification_catches_a_wrong_engine(prepared, tmp_path, monkeypatch):
+    real = features_module.make_extractor
+
+    def off_by_a_bit(*args, **kwargs):
+        extract, provider = real(*args, **kwargs)
+        return (lambda batch: extract(batch) + 1e-3), provider
+
+    monkeypatch.setattr(features_module, "make_extractor", off_by_a_bit)
+    with pytest.raises(PipelineError, match="differ from the PyTorch reference"):
+        run(TINY, FeaturesParams(), prepared, tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+
+
+def test_missing_prepare_output_is_a_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="run `pipeline prepare`"):
+        run(TINY, FeaturesParams(), tmp_path / "nothing", tmp_path / "f")
+
+
+def test_image_changed_after_prepare(prepared, image_folder, tmp_path):
+    (image_folder / "cat" / "0.png").write_text("corrupted later")
+    with pytest.raises(PipelineError, match="changed after prepare"):
+        run(TINY, FeaturesParams(), prepared, tmp_path / "f")

@@ -1,0 +1,99 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from pipeline.atomic import write_json
+from pipeline.errors import PipelineError
+from pipeline.heads import load_head
+from pipeline.train_head import TrainHeadParams, class_weights, fit_head, lr_factor, run
+
+
+def synthetic_cache(path, n_per_class=(40, 40, 10), dim=16, seed=0, noise=1.0):
+    """A feature cache like the features stage writes: 3 Gaussian blobs, imbalanced."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, size=(len(n_per_class), dim))
+    feats, labels, splits = [], [], []
+    for c, n in enumerate(n_per_class):
+        x = centers[c] + noise * rng.normal(size=(n, dim))
+        feats.append(x)
+        labels += [c] * n
+        cut_test, cut_val = max(1, n // 5), max(1, n // 5)
+        splits += [2] * cut_test + [1] * cut_val + [0] * (n - cut_test - cut_val)
+    path.mkdir(parents=True)
+    feats = np.concatenate(feats).astype(np.float32)
+    np.save(path / "features.npy", feats)
+    np.save(path / "labels.npy", np.array(labels, dtype=np.int64))
+    np.save(path / "splits.npy", np.array(splits, dtype=np.int8))
+    write_json(path / "meta.json", {
+        "format": 1, "feature_shape": list(feats.shape), "classes": ["a", "b", "c"],
+        "backbone": {"name": "test"}, "manifest_sha256": "x"})
+    return path
+
+
+def run_to(tmp_path, params, name="out"):
+    out = tmp_path / name
+    metrics = run(params, tmp_path / "features", out / "head.safetensors", out / "head.json",
+                  out / "metrics.json", out / "plots")
+    return out, metrics
+
+
+def test_trains_separable_data_and_writes_everything(tmp_path):
+    synthetic_cache(tmp_path / "features")
+    out, metrics = run_to(tmp_path, TrainHeadParams(epochs=60, lr=1e-2))
+    assert metrics["test"]["accuracy"] >= 0.9 and metrics["val"]["accuracy"] >= 0.9
+    assert set(metrics["test"]["per_class"]) == {"a", "b", "c"}
+    assert set(metrics["test"]["per_class"]["c"]) == {"precision", "recall", "f1", "support"}
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    head, config = load_head(out / "head.safetensors", out / "head.json")
+    assert config["classes"] == ["a", "b", "c"] and config["head"]["kind"] == "linear"
+    assert set(load_file(str(out / "head.safetensors"))) >= {"feature_mean", "feature_std"}
+    with open(out / "plots" / "training.csv") as handle:
+        curve = list(csv.DictReader(handle))
+    assert len(curve) == metrics["epochs_run"] and float(curve[-1]["val_loss"]) > 0
+    with open(out / "plots" / "confusion.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == metrics["test"]["num_samples"]
+
+
+def test_same_seed_same_metrics_and_bytes(tmp_path):
+    synthetic_cache(tmp_path / "features", noise=2.5)
+    a, ma = run_to(tmp_path, TrainHeadParams(epochs=15, head="mlp", dropout=0.3), "a")
+    b, mb = run_to(tmp_path, TrainHeadParams(epochs=15, head="mlp", dropout=0.3), "b")
+    assert ma == mb
+    assert (a / "head.safetensors").read_bytes() == (b / "head.safetensors").read_bytes()
+    c, _ = run_to(tmp_path, TrainHeadParams(epochs=15, head="mlp", dropout=0.3, seed=1), "c")
+    assert (a / "head.safetensors").read_bytes() != (c / "head.safetensors").read_bytes()
+
+
+def test_early_stopping_stops(tmp_path):
+    synthetic_cache(tmp_path / "features", noise=4.0)
+    _, metrics = run_to(tmp_path, TrainHeadParams(epochs=300, patience=3, lr=0.05))
+    assert metrics["epochs_run"] < 300 and metrics["best_epoch"] <= metrics["epochs_run"]
+
+
+def test_class_weights_balanced():
+    w = class_weights(np.array([0, 0, 0, 1]), 3)
+    assert w.tolist() == pytest.approx([4 / 6, 2.0, 0.0])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(99, 100, 10, "cosine") < 0.01
+    assert lr_factor(50, 100, 10, "constant") == 1.0
+
+
+def test_label_smoothing_and_weighting_change_training():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    base = fit_head(x, y, x, y, 2, TrainHeadParams(epochs=5))
+    smooth = fit_head(x, y, x, y, 2, TrainHeadParams(epochs=5, label_smoothing=0.2))
+    assert base.history[-1]["train_loss"] != smooth.history[-1]["train_loss"]
+
+
+def test_missing_cache_is_clear(tmp_path):
+    with pytest.raises(PipelineError, match="run `pipeline features` first"):
+        run_to(tmp_path, TrainHeadParams())
