@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .atomic import atomic_dir, write_json
 from .backbones import Backbone, BackboneParams, build_backbone
 from .errors import PipelineError
-from .imageio import ImageRejected, load_rgb
+from .imageio import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
 from .params import as_dict, param
 from .prepare import SPLITS, image_root, read_prepared
 from .preprocess import Preprocessing, preprocess
@@ -51,7 +51,7 @@ class FeaturesParams:
 
 
 def iter_batches(paths: list[Path], pp: Preprocessing, batch_size: int, workers: int,
-                 max_pixels: int | None = None) -> Iterator[np.ndarray]:
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[np.ndarray]:
     """Yield float32 NCHW batches in order; decoding may run in worker processes."""
     from torch.utils.data import DataLoader, Dataset
 
@@ -61,8 +61,7 @@ def iter_batches(paths: list[Path], pp: Preprocessing, batch_size: int, workers:
 
         def __getitem__(self, index: int) -> np.ndarray:
             try:
-                return preprocess(load_rgb(paths[index], **({"max_pixels": max_pixels}
-                                                            if max_pixels else {})), pp)
+                return preprocess(load_rgb(paths[index], max_pixels=max_pixels), pp)
             except ImageRejected as exc:
                 raise PipelineError(f"{paths[index]}: {exc} (the image changed after prepare; "
                                     "re-run prepare)") from None
@@ -139,7 +138,7 @@ def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: s
         done = 0
         extract_seconds = 0.0
         batches = iter_batches(paths, backbone.preprocessing, params.batch_size, params.workers,
-                               summary.get("params", {}).get("max_image_pixels"))
+                               summary["params"]["max_image_pixels"])
         with tqdm(total=n, desc=f"features ({provider})", unit="img") as bar:
             for batch in batches:
                 t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -65,12 +65,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                               f"(got {value!r})")
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, key)
-            except ParamsError as exc:
-                errors.append(exc)
+            except ParamsError:
+                continue
         raise ParamsError(f"{key} must be {_type_name(tp)} (got {value!r})")
     if origin is tuple:
         (inner, *_rest) = typing.get_args(tp)
@@ -150,5 +149,3 @@ def read_section(params_path: str | Path, cls: type[T], section: str) -> T:
 def as_dict(obj: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(obj).items()}
 
-
-__all__ = ["param", "parse_section", "read_section", "load_params_file", "as_dict", "dataclass"]

@@ -99,3 +99,54 @@ def test_image_changed_after_prepare(prepared, image_folder, tmp_path):
     (image_folder / "cat" / "0.png").write_text("corrupted later")
     with pytest.raises(PipelineError, match="changed after prepare"):
         run(TINY, FeaturesParams(), prepared, tmp_path / "f")
+
+
+def test_worker_processes_give_the_same_cache(prepared, tmp_path):
+    run(TINY, FeaturesParams(batch_size=4, threads=1), prepared, tmp_path / "a")
+    run(TINY, FeaturesParams(batch_size=4, threads=1, workers=2), prepared, tmp_path / "w")
+    assert (tmp_path / "a" / "features.npy").read_bytes() == \
+        (tmp_path / "w" / "features.npy").read_bytes()
+
+
+def test_sigkill_midway_leaves_previous_cache_untouched(prepared, tmp_path):
+    """A real `kill -9` while the cache is being written: the final folder is never half-done."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "f"
+    run(TINY, FeaturesParams(batch_size=4), prepared, out)
+    before = (out / "features.npy").read_bytes()
+    marker = tmp_path / "started"
+    code = f"""
+import time
+from pipeline import features as f
+from pipeline.backbones import BackboneParams
+real = f.make_extractor
+def slow(*a, **k):
+    extract, provider = real(*a, **k)
+    def run(batch):
+        open({str(marker)!r}, "w").close()
+        time.sleep(0.5)
+        return extract(batch)
+    return run, provider
+f.make_extractor = slow
+f.run(BackboneParams(name="timm:test_efficientnet", weights="none"),
+      f.FeaturesParams(batch_size=2), {str(prepared)!r}, {str(out)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.6)  # some batches written into the temporary memory map
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "features.npy").read_bytes() == before
+    assert load_cache(out).features.shape == (24, 256)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".f.")]  # the killed temp
+    run(TINY, FeaturesParams(batch_size=4), prepared, out)  # a re-run works and sweeps it
+    assert (out / "features.npy").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".f.")] == []
