@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from .errors import PipelineError
+from .errors import ParamsError, PipelineError
 from .params import param
 from .preprocess import Preprocessing
 
@@ -45,7 +45,7 @@ class BackboneParams:
 
     def validate(self, section: str) -> None:
         if not self.name.strip():
-            raise PipelineError(f"{section}.name must not be empty")
+            raise ParamsError(f"{section}.name must not be empty")
 
 
 @dataclass

@@ -20,7 +20,7 @@ import csv
 import hashlib
 import os
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
