@@ -28,7 +28,7 @@ from .errors import PipelineError
 from .features import FeaturesParams, iter_batches
 from .prepare import image_root, read_prepared
 from .runtime import available_cpus, resolve_threads
-from .train_head import TrainHeadParams
+from .train_head import TrainHeadParams, train_step
 
 
 def _cpu_name() -> str:
@@ -55,10 +55,9 @@ def run(backbone_params: BackboneParams, features_params: FeaturesParams,
         images: int = 128, repeats: int = 3, head_epochs: int = 20) -> dict[str, Any]:
     import onnxruntime
     import torch
-    import torch.nn.functional as F
 
     from .heads import Head, HeadConfig
-    from .onnx_utils import cpu_session, export_module
+    from .onnx_utils import ort_session, export_module
 
     summary, classes, rows = read_prepared(prepared_dir)
     rows = rows[:images]
@@ -83,7 +82,7 @@ def run(backbone_params: BackboneParams, features_params: FeaturesParams,
         size = backbone.preprocessing.input_size
         onnx_path = export_module(model, torch.zeros(2, 3, size, size),
                                   Path(work) / "backbone.onnx", input_name="pixels")
-        session = cpu_session(onnx_path, threads)
+        session = ort_session(onnx_path, threads)
 
     def ort_pass() -> list[np.ndarray]:
         return [session.run(None, {"pixels": b})[0] for b in batches]
@@ -101,10 +100,7 @@ def run(backbone_params: BackboneParams, features_params: FeaturesParams,
     bs = features_params.batch_size
 
     def head_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.cross_entropy(head(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(head, optimizer, x, y, label_smoothing=head_params.label_smoothing)
 
     def cached_epoch() -> None:
         for start in range(0, n, bs):

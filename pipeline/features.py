@@ -89,13 +89,13 @@ def make_extractor(backbone: Backbone, params: FeaturesParams,
 
         return run_torch, f"torch:{device}"
 
-    from .onnx_utils import cpu_session, export_module
+    from .onnx_utils import ort_session, export_module
 
     size = backbone.preprocessing.input_size
     onnx_path = export_module(backbone.model, torch.zeros(2, 3, size, size),
                               workdir / "backbone.onnx", input_name="pixels",
                               output_names=("features",))
-    session = cpu_session(onnx_path, params.threads, params.device)
+    session = ort_session(onnx_path, params.threads, params.device)
 
     def run_ort(batch: np.ndarray) -> np.ndarray:
         return session.run(None, {"pixels": batch})[0]

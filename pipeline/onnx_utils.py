@@ -60,7 +60,7 @@ def session_options(threads: int) -> Any:
     return options
 
 
-def cpu_session(path: str | Path, threads: int = 0, device: str = "cpu") -> Any:
+def ort_session(path: str | Path, threads: int = 0, device: str = "cpu") -> Any:
     """An onnxruntime session; ``device='cuda'`` asks for CUDA and checks it was granted."""
     import onnxruntime as ort
 

@@ -214,8 +214,7 @@ def run(params: PrepareParams, out_dir: str | Path) -> dict[str, Any]:
                                     "for train/val/test; add images or lower the fractions")
             counts[label] = {split: len(parts[split]) for split in SPLITS}
             for split in SPLITS:
-                rows += [(cand.rel, label, split, digest)
-                         for cand, digest in sorted(parts[split], key=lambda item: item[0].rel)]
+                rows += [(cand.rel, label, split, digest) for cand, digest in parts[split]]
         rows.sort(key=lambda r: (SPLITS.index(r[2]), classes.index(r[1]), r[0]))
 
         write_csv(tmp / "manifest.csv", MANIFEST_HEADER, rows)

@@ -67,6 +67,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def train_step(head: Any, optimizer: Any, x: Any, y: Any, weight: Any = None,
+               label_smoothing: float = 0.0) -> float:
+    """One optimisation step of the head on a batch; returns the batch loss."""
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(head(x), y, weight=weight, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 @dataclass
 class TrainResult:
     head: Any
@@ -110,13 +122,9 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
         running, seen = 0.0, 0
         for start in range(0, len(xt), params.batch_size):
             idx = order[start:start + params.batch_size]
-            loss = F.cross_entropy(head(xt[idx]), yt[idx], weight=weight,
-                                   label_smoothing=params.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(head, optimizer, xt[idx], yt[idx], weight, params.label_smoothing)
             scheduler.step()
-            running += float(loss.detach()) * len(idx)
+            running += loss * len(idx)
             seen += len(idx)
         head.eval()
         with torch.no_grad():
@@ -161,9 +169,10 @@ def run(params: TrainHeadParams, features_dir: str | Path, model_path: str | Pat
     if len(train_x) == 0 or len(val_x) == 0:
         raise PipelineError(f"{features_dir}: the train or val split is empty; re-run prepare")
     result = fit_head(train_x, train_y, val_x, val_y, len(classes), params)
+    test_pred = predict(result.head, test_x)
     metrics = {
         "val": classification_report(val_y, predict(result.head, val_x), classes),
-        "test": classification_report(test_y, predict(result.head, test_x), classes),
+        "test": classification_report(test_y, test_pred, classes),
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
     }
@@ -179,7 +188,6 @@ def run(params: TrainHeadParams, features_dir: str | Path, model_path: str | Pat
     write_csv(plots_dir / "training.csv", keys,
               ([row[k] if k == "epoch" else f"{row[k]:.6g}" for k in keys]
                for row in result.history))
-    test_pred = predict(result.head, test_x)
     write_csv(plots_dir / "confusion.csv", ("actual", "predicted"),
               ((classes[a], classes[p]) for a, p in zip(test_y, test_pred)))
     write_json(metrics_path, metrics)
