@@ -40,7 +40,7 @@ def main() -> None:
     """Transfer learning for image classification, from a folder of images to one ONNX file.
 
     Stages (chained by dvc.yaml, run them all with `dvc repro`):
-    prepare -> features -> train-head.
+    prepare -> features -> train-head -> cut-cache -> finetune.
     """
 
 
@@ -109,6 +109,64 @@ def train_head(params_path: str, features_dir: str, model: str, config: str, met
         metrics, plots)
 
 
+@main.command("cut-cache")
+@PARAMS_OPTION
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(),
+              help="output folder of `pipeline prepare`")
+@click.option("--out", default="data/cut_cache", show_default=True, type=click.Path(),
+              help="cut cache folder to write")
+@friendly_errors
+def cut_cache(params_path: str, prepared: str, out: str) -> None:
+    """Cache the frozen prefix's activations at the fine-tuning cut (params: finetune.*)."""
+    from .backbones import BackboneParams
+    from .cut_cache import run
+    from .finetune_data import FinetuneParams
+    from .params import read_section
+
+    meta = run(read_section(params_path, BackboneParams, "backbone"),
+               read_section(params_path, FinetuneParams, "finetune"), prepared, out)
+    if meta.get("cached"):
+        click.echo(f"cut-cache: {meta['split_counts']} images x views {meta['views']}, "
+                   f"activations {meta['activation_shape']} ({meta['dtype']}) before "
+                   f"{meta['cut']['cut_before']} in {meta['seconds']:.1f} s -> {out}")
+    else:
+        click.echo(f"cut-cache: nothing to cache (finetune disabled, classic mode or all "
+                   f"blocks trained) -> {out}/meta.json")
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
+@click.option("--cut-cache", "cut_cache_dir", default="data/cut_cache", show_default=True,
+              type=click.Path(), help="folder written by `pipeline cut-cache`")
+@click.option("--head", "head_model", default="models/head.safetensors", show_default=True,
+              type=click.Path(dir_okay=False), help="head weights from `pipeline train-head`")
+@click.option("--head-config", default="models/head.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--model", default="models/model.safetensors", show_default=True,
+              type=click.Path(dir_okay=False), help="backbone + head weights to write")
+@click.option("--config", default="models/model.json", show_default=True,
+              type=click.Path(dir_okay=False), help="model config to write (JSON)")
+@click.option("--metrics", default="metrics/finetune.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--timing", default="metrics/finetune_timing.json", show_default=True,
+              type=click.Path(dir_okay=False), help="seconds per epoch (varies between runs)")
+@click.option("--plots", default="plots/finetune", show_default=True, type=click.Path())
+@friendly_errors
+def finetune(params_path: str, prepared: str, cut_cache_dir: str, head_model: str,
+             head_config: str, model: str, config: str, metrics: str, timing: str,
+             plots: str) -> None:
+    """Fine-tune the last block group(s) with the head (params: backbone.*, finetune.*)."""
+    from .backbones import BackboneParams
+    from .finetune import run
+    from .finetune_data import FinetuneParams
+    from .params import read_section
+
+    run(read_section(params_path, BackboneParams, "backbone"),
+        read_section(params_path, FinetuneParams, "finetune"), prepared, cut_cache_dir,
+        head_model, head_config, model, config, metrics, plots, timing)
+
+
 @main.command("bench-features")
 @PARAMS_OPTION
 @click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
@@ -140,6 +198,88 @@ def bench_features(params_path: str, prepared: str, images: int, batch_size: int
     run(read_section(params_path, BackboneParams, "backbone"), features_params,
         read_section(params_path, TrainHeadParams, "train_head"), prepared, out,
         images=images, repeats=repeats)
+
+
+@main.command("bench-finetune")
+@PARAMS_OPTION
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
+@click.option("--images", default=256, show_default=True, type=click.IntRange(1),
+              help="training images to time (the first of the train split)")
+@click.option("--val-images", default=10**9, type=click.IntRange(0),
+              help="validation images to time (default: the whole val split)")
+@click.option("--epochs", default=2, show_default=True, type=click.IntRange(1),
+              help="epochs per path (the median is reported)")
+@click.option("--blocks", default=None, help="override finetune.blocks")
+@click.option("--out", default="reports/bench_finetune.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@friendly_errors
+def bench_finetune(params_path: str, prepared: str, images: int, val_images: int, epochs: int,
+                   blocks: str | None, out: str) -> None:
+    """Time a fine-tuning epoch on the cut cache versus the classic path (same model, images)."""
+    from .backbones import BackboneParams
+    from .bench_finetune import run
+    from .finetune_data import FinetuneParams
+    from .params import parse_section, read_section, load_params_file
+
+    section = dict(load_params_file(params_path).get("finetune") or {})
+    if blocks is not None:
+        section["blocks"] = int(blocks) if blocks.isdigit() else blocks
+    params = parse_section(FinetuneParams, section, "finetune")
+    run(read_section(params_path, BackboneParams, "backbone"), params, prepared, out,
+        images=images, val_images=val_images, epochs=epochs)
+
+
+def _csv_list(kind: type) -> Callable[[Any, Any, str], list[Any]]:
+    def parse(ctx: Any, param: Any, value: str) -> list[Any]:
+        items = []
+        for part in (p.strip() for p in value.split(",") if p.strip()):
+            try:
+                items.append(part if (kind is int and part == "all") else kind(part))
+            except ValueError:
+                raise click.BadParameter(f"{part!r} is not a valid {kind.__name__}") from None
+        return items
+
+    return parse
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
+@click.option("--features", "features_dir", default="data/features", show_default=True,
+              type=click.Path())
+@click.option("--head", "head_model", default="models/head.safetensors", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--head-config", default="models/head.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--blocks", default="0,1,2,3", show_default=True, callback=_csv_list(int),
+              help="block groups to unfreeze, comma-separated ('all' allowed)")
+@click.option("--fractions", default="0.1,0.25,0.5,1", show_default=True,
+              callback=_csv_list(float), help="training-set fractions for the learning curve")
+@click.option("--scratch-fractions", default="0.1,0.25,0.5,1", show_default=True,
+              callback=_csv_list(float),
+              help="fractions for the from-scratch baseline (slow on CPU; '' skips it)")
+@click.option("--out", default="reports/sweep", show_default=True, type=click.Path())
+@friendly_errors
+def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, head_config: str,
+          blocks: list[Any], fractions: list[float], scratch_fractions: list[float],
+          out: str) -> None:
+    """Measure which strategy to use: blocks sweep, from-scratch baseline, learning curve."""
+    from .backbones import BackboneParams
+    from .features import FeaturesParams
+    from .finetune_data import FinetuneParams
+    from .params import read_section
+    from .sweep import SweepConfig, run
+    from .train_head import TrainHeadParams
+
+    for f in fractions + scratch_fractions:
+        if not 0 < f <= 1:
+            raise click.BadParameter(f"fractions must be in (0, 1] (got {f})")
+    cfg = SweepConfig(read_section(params_path, BackboneParams, "backbone"),
+                      read_section(params_path, FeaturesParams, "features"),
+                      read_section(params_path, TrainHeadParams, "train_head"),
+                      read_section(params_path, FinetuneParams, "finetune"))
+    run(cfg, prepared, features_dir, head_model, head_config, out, blocks, fractions,
+        scratch_fractions)
 
 
 @main.command()

@@ -45,6 +45,8 @@ class TrainHeadParams:
     patience: int = param(15, ge=0, help="epochs without val-loss improvement; 0 disables")
     class_weighting: Literal["balanced", "none"] = "balanced"
     label_smoothing: float = param(0.0, ge=0.0, lt=1.0)
+    std_floor: float = param(1.0, gt=0.0, help="feature std floor, as a multiple of the mean "
+                             "std over channels")
     seed: int = param(0, ge=0)
     threads: int = param(0, ge=0)
 
@@ -102,8 +104,9 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
                            params.dropout))
     head.feature_mean.copy_(xt.mean(0))
     std = xt.std(0, unbiased=False)
-    # a channel (nearly) constant on train must not be blown up on other images
-    head.feature_std.copy_(std.clamp_min(max(float(std.mean()) * 1e-2, 1e-6)))
+    # a channel (nearly) constant on clean training images must not be blown up on other
+    # images (augmented views in fine-tuning, the user's photos after deployment)
+    head.feature_std.copy_(std.clamp_min(max(float(std.mean()) * params.std_floor, 1e-6)))
     weight = (torch.from_numpy(class_weights(train_y, num_classes))
               if params.class_weighting == "balanced" else None)
     optimizer = torch.optim.AdamW(head.parameters(), lr=params.lr,

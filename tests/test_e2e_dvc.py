@@ -24,6 +24,18 @@ train_head:
   epochs: 20
   lr: 3.0e-3
   threads: 2
+finetune:  # dvc.yaml tracks the cut_cache keys one by one: they must all be present
+  enabled: true
+  blocks: 1
+  mode: cut
+  views: 2
+  augment: light
+  cache_dtype: float32
+  seed: 0
+  epochs: 2
+  warmup_epochs: 1
+  batch_size: 16
+  threads: 2
 """
 
 
@@ -47,6 +59,10 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     assert metrics["test"]["accuracy"] > 0.5  # 12 training images per class; chance is 0.1
     features = (tmp_path / "data" / "features" / "features.npy").read_bytes()
     assert (tmp_path / "models" / "head.safetensors").is_file()
+    finetuned = json.loads((tmp_path / "metrics" / "finetune.json").read_text())
+    assert finetuned["mode"] == "cut" and finetuned["blocks"] == 1
+    assert finetuned["val"]["accuracy"] >= finetuned["head_only_val_accuracy"]
+    model_bytes = (tmp_path / "models" / "model.safetensors").read_bytes()
     assert "Test confusion matrix" in (tmp_path / "dvc.yaml").read_text()
 
     second = sh(["dvc", "repro"], tmp_path, cli_env)
@@ -55,6 +71,8 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     sh(["dvc", "repro", "--force"], tmp_path, cli_env)
     assert (tmp_path / "data" / "features" / "features.npy").read_bytes() == features
     assert json.loads((tmp_path / "metrics" / "head.json").read_text()) == metrics
+    assert (tmp_path / "models" / "model.safetensors").read_bytes() == model_bytes
+    assert json.loads((tmp_path / "metrics" / "finetune.json").read_text()) == finetuned
 
     shown = sh(["dvc", "metrics", "show", "--json"], tmp_path, cli_env)
     assert "test.accuracy" in shown or '"accuracy"' in shown
@@ -63,3 +81,15 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("epochs: 20", "epochs: 10"))
     third = sh(["dvc", "repro"], tmp_path, cli_env)
     assert "Running stage 'train_head'" in third and "Running stage 'features'" not in third
+    assert "Running stage 'cut_cache'" not in third and "Running stage 'finetune'" in third
+
+    # fine-tuning epochs re-run only finetune; the cut point rebuilds the cut cache
+    params = TINY_PARAMS.replace("epochs: 20", "epochs: 10")
+    (tmp_path / "params.yaml").write_text(params.replace("epochs: 2\n", "epochs: 1\n"))
+    fourth = sh(["dvc", "repro"], tmp_path, cli_env)
+    assert "Running stage 'finetune'" in fourth and "Running stage 'cut_cache'" not in fourth
+    assert "Running stage 'train_head'" not in fourth
+    (tmp_path / "params.yaml").write_text(params.replace("blocks: 1", "blocks: 2"))
+    fifth = sh(["dvc", "repro"], tmp_path, cli_env)
+    assert "Running stage 'cut_cache'" in fifth and "Running stage 'finetune'" in fifth
+    assert json.loads((tmp_path / "metrics" / "finetune.json").read_text())["blocks"] == 2

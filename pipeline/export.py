@@ -1,0 +1,338 @@
+"""Stage 5, export: one self-describing ONNX file that other programs use as is.
+
+Exports the fine-tuned model (or the head-only model when fine-tuning is off: both come as
+``models/model.safetensors`` + ``models/model.json``) as backbone + head in one graph:
+
+* input ``image``: ``uint8`` RGB, NHWC, ``input_size`` square, dynamic batch (default), or
+  ``float32`` NCHW already normalised (``export.input: float32_nchw``). The uint8 graph does the
+  1/255 scaling, the mean/std normalisation and the layout change itself. Resize + centre crop
+  stay outside (the runner does them) and are declared in the metadata.
+* outputs ``probabilities`` (softmax) and, with ``export.logits_output: true``, ``logits``.
+* ``metadata_props``: classes, input contract, resize/crop policy, mean/std, backbone, package
+  version, training metrics, training manifest hash (see :mod:`pipeline.runner`).
+
+Every export is checked and the figures land in ``metrics/export.json``: ``onnx.checker`` (full
+check); onnxruntime versus the PyTorch model on real test images (max |diff| of probabilities
+and logits, target <= ``export.tolerance``); top-1 agreement on the whole test split (100 % for
+FP32). Variants, checked the same way: ``fp16`` (agreement >= ``fp16_min_agreement``) and
+``int8`` (static QDQ by onnxruntime's quantisation tools, calibrated on training images; test
+accuracy within ``int8_max_accuracy_drop`` of FP32). A check over its limit fails the stage and
+no output is replaced.
+
+Run: ``pipeline export --model models/model.safetensors --config models/model.json ...``
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_dir, atomic_file, write_json
+from .errors import PipelineError
+from .imageio import load_rgb
+from .params import as_dict, param
+from .prepare import image_root, read_prepared
+from .preprocess import Preprocessing, normalize, resize_and_crop
+from .runtime import resolve_threads
+
+MODEL_CONTRACT = "pipeline-image-classifier/1"
+Variant = Literal["fp16", "int8"]
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """``export`` section of params.yaml."""
+
+    opset: int = param(18, ge=18, le=23)
+    input: Literal["uint8_nhwc", "float32_nchw"] = "uint8_nhwc"
+    logits_output: bool = False
+    variants: tuple[Variant, ...] = ("fp16", "int8")
+    calibration_images: int = param(128, ge=1, help="training images for INT8 calibration")
+    check_images: int = param(64, ge=1, help="test images for the max |diff| check")
+    tolerance: float = param(1e-4, gt=0.0, help="max |onnxruntime - PyTorch|, FP32")
+    fp16_min_agreement: float = param(0.995, ge=0.0, le=1.0)
+    int8_max_accuracy_drop: float = param(0.01, ge=0.0, le=1.0)
+    threads: int = param(0, ge=0)
+
+
+def deployable(classifier: Any, pp: Preprocessing, input_kind: str) -> Any:
+    """Wrap the classifier: (uint8 NHWC | normalised float NCHW) -> (probabilities, logits)."""
+    import torch
+    from torch import nn
+
+    class Deployable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = classifier
+            self.register_buffer("mean", torch.tensor(pp.mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(pp.std).view(1, 3, 1, 1))
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if input_kind == "uint8_nhwc":
+                x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+                x = (x - self.mean) / self.std
+            else:
+                x = image
+            logits = self.classifier(x)
+            return torch.softmax(logits, dim=1), logits
+
+    return Deployable().eval()
+
+
+def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str]) -> dict[str, str]:
+    pp = config["preprocessing"]
+    layout = "NHWC" if params.input == "uint8_nhwc" else "NCHW"
+    return {
+        "contract": MODEL_CONTRACT,
+        "classes": json.dumps(config["classes"]),
+        "input_name": "image",
+        "input_layout": layout,
+        "input_dtype": "uint8" if params.input == "uint8_nhwc" else "float32",
+        "input_size": str(pp["input_size"]),
+        "input_normalized_in_graph": "true" if params.input == "uint8_nhwc" else "false",
+        "resize_size": str(pp["resize_size"]),
+        "interpolation": pp["interpolation"],
+        "crop": "center",
+        "resize_policy": (f"resize the shorter side to {pp['resize_size']} px "
+                          f"({pp['interpolation']}), then centre-crop {pp['input_size']} x "
+                          f"{pp['input_size']}; RGB"),
+        "scale": "1/255",
+        "mean": json.dumps(pp["mean"]),
+        "std": json.dumps(pp["std"]),
+        "outputs": json.dumps(outputs),
+        "backbone": config["backbone"]["name"],
+        "backbone_weights": config["backbone"]["weights"],
+        "pipeline_version": __version__,
+        "training_metrics": json.dumps(config.get("metrics", {})),
+        "training_manifest_sha256": config["manifest_sha256"],
+        "finetune": json.dumps(config.get("cut", {})),
+    }
+
+
+def _write_model(model: Any, path: Path) -> None:
+    import onnx
+
+    with atomic_file(path) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
+
+
+def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
+                path: Path) -> dict[str, Any]:
+    """Export, simplify (constant folding + shape inference) and stamp the metadata."""
+    import onnx
+    import torch
+
+    from .onnx_utils import export_module
+
+    pp = Preprocessing.from_dict(config["preprocessing"])
+    wrapped = deployable(classifier, pp, params.input)
+    size = pp.input_size
+    example = (torch.zeros(2, size, size, 3, dtype=torch.uint8) if params.input == "uint8_nhwc"
+               else torch.zeros(2, 3, size, size))
+    with tempfile.TemporaryDirectory() as work:
+        raw = export_module(wrapped, example, Path(work) / "raw.onnx", input_name="image",
+                            output_names=("probabilities", "logits"), opset=params.opset)
+        model = onnx.load(str(raw))
+    nodes_exported = len(model.graph.node)
+    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    if not params.logits_output:  # logits stay computed (softmax needs them), not exposed
+        keep = [o for o in model.graph.output if o.name != "logits"]
+        del model.graph.output[:]
+        model.graph.output.extend(keep)
+    outputs = [o.name for o in model.graph.output]
+    del model.metadata_props[:]
+    for key, value in metadata(config, params, outputs).items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name, model.producer_version = "pipeline", __version__
+    onnx.checker.check_model(model, full_check=True)
+    _write_model(model, path)
+    return {"nodes": len(model.graph.node), "nodes_before_shape_inference": nodes_exported,
+            "outputs": outputs}
+
+
+def export_fp16(fp32_path: Path, path: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True,
+                                     disable_shape_infer=False)
+    onnx.checker.check_model(model, full_check=True)
+    _write_model(model, path)
+
+
+def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
+    """Static QDQ quantisation (U8 activations, S8 per-channel weights), MinMax calibration."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([calibration[i:i + 16] for i in range(0, len(calibration), 16)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"image": batch}
+
+    with tempfile.TemporaryDirectory() as work:
+        pre = Path(work) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        out = Path(work) / "int8.onnx"
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
+        model = onnx.load(str(out))
+    fp32 = onnx.load(str(fp32_path), load_external_data=False)
+    del model.metadata_props[:]
+    model.metadata_props.extend(fp32.metadata_props)
+    onnx.checker.check_model(model, full_check=True)
+    _write_model(model, path)
+
+
+def _images(paths: list[Path], pp: Preprocessing, max_pixels: int) -> np.ndarray:
+    return np.stack([resize_and_crop(load_rgb(p, max_pixels=max_pixels), pp) for p in paths])
+
+
+def _run_ort(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preprocessing,
+             batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    import onnxruntime as ort
+
+    from .onnx_utils import session_options
+
+    session = ort.InferenceSession(str(path), session_options(params.threads),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    probs, logits = [], []
+    for s in range(0, len(pixels), batch):
+        x = pixels[s:s + batch]
+        if params.input != "uint8_nhwc":
+            x = normalize(x, pp)
+        out = dict(zip(names, session.run(None, {"image": x})))
+        probs.append(out["probabilities"])
+        if "logits" in out:
+            logits.append(out["logits"])
+    return np.concatenate(probs), (np.concatenate(logits) if logits else None)
+
+
+def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
+        prepared_dir: str | Path, out_path: str | Path, variants_dir: str | Path,
+        metrics_path: str | Path) -> dict[str, Any]:
+    """Export ``out_path`` and the variants into ``variants_dir``; check; write metrics."""
+    import torch
+
+    from .finetune import load_model
+
+    threads = resolve_threads(params.threads)
+    torch.set_num_threads(threads)
+    out_path, variants_dir = Path(out_path), Path(variants_dir)
+    classifier, config = load_model(model_path, config_path)
+    pp = Preprocessing.from_dict(config["preprocessing"])
+    summary, classes, rows = read_prepared(prepared_dir)
+    if classes != config["classes"]:
+        raise PipelineError(f"{config_path}: the model's classes differ from {prepared_dir}; "
+                            "re-run the chain (dvc repro)")
+    root = image_root(prepared_dir, summary)
+    max_pixels = summary["params"]["max_image_pixels"]
+    test = [r for r in rows if r["split"] == "test"]
+    train = [r for r in rows if r["split"] == "train"]
+    if not test:
+        raise PipelineError(f"{prepared_dir}: the test split is empty; export checks need it")
+    step = max(1, len(train) // params.calibration_images)
+    calib_rows = train[::step][:params.calibration_images]
+    test_pixels = _images([root / r["path"] for r in test], pp, max_pixels)
+    test_labels = np.array([classes.index(r["label"]) for r in test])
+    with torch.no_grad():
+        ref_logits = torch.cat([classifier(torch.from_numpy(normalize(test_pixels[s:s + 32], pp)))
+                                for s in range(0, len(test_pixels), 32)])
+    ref_probs = torch.softmax(ref_logits, 1).numpy()
+    ref_logits_np = ref_logits.numpy()
+    ref_top1 = ref_logits_np.argmax(1)
+    n_check = min(params.check_images, len(test_pixels))
+
+    report: dict[str, Any] = {"opset": params.opset, "input": params.input,
+                              "test_images": len(test), "check_images": n_check,
+                              "pytorch_test_accuracy": float((ref_top1 == test_labels).mean()),
+                              "variants": {}}
+    failures = []
+    with tempfile.TemporaryDirectory() as work:
+        staged = {"fp32": Path(work) / out_path.name}
+        staged |= {v: Path(work) / variant_name(out_path, v) for v in params.variants}
+        report["graph"] = export_fp32(classifier, config, params, staged["fp32"])
+        if "fp16" in staged:
+            export_fp16(staged["fp32"], staged["fp16"])
+        if "int8" in staged:
+            calib = _images([root / r["path"] for r in calib_rows], pp, max_pixels)
+            if params.input != "uint8_nhwc":
+                calib = normalize(calib, pp)
+            export_int8(staged["fp32"], staged["int8"], calib)
+            report["calibration_images"] = len(calib)
+        for variant, path in staged.items():
+            probs, logits = _run_ort(path, test_pixels, params, pp)
+            top1 = probs.argmax(1)
+            row = {
+                "file": path.name,
+                "bytes": path.stat().st_size,
+                "max_abs_diff_probabilities": float(np.abs(probs[:n_check] -
+                                                           ref_probs[:n_check]).max()),
+                "max_abs_diff_logits": (None if logits is None else float(
+                    np.abs(logits[:n_check] - ref_logits_np[:n_check]).max())),
+                "top1_agreement": float((top1 == ref_top1).mean()),
+                "test_accuracy": float((top1 == test_labels).mean()),
+            }
+            report["variants"][variant] = row
+            failures += _check(variant, row, report, params)
+        if failures:
+            raise PipelineError("export checks failed, nothing written: " + "; ".join(failures))
+        with atomic_dir(variants_dir) as tmp:
+            for variant in params.variants:
+                shutil.copyfile(staged[variant], tmp / staged[variant].name)
+        with atomic_file(out_path) as tmp:
+            shutil.copyfile(staged["fp32"], tmp)
+    write_json(metrics_path, report)
+    for variant, row in report["variants"].items():
+        print(f"export {variant:5s} {row['file']:22s} {row['bytes'] / 1e6:6.1f} MB  max |diff| "
+              f"probs {row['max_abs_diff_probabilities']:.2e}  top-1 agreement "
+              f"{row['top1_agreement']:.4f}  test accuracy {row['test_accuracy']:.4f}")
+    return report
+
+
+def variant_name(out_path: Path, variant: str) -> str:
+    return f"{out_path.stem}.{variant}.onnx"
+
+
+def _check(variant: str, row: dict[str, Any], report: dict[str, Any],
+           params: ExportParams) -> list[str]:
+    fp32_acc = report["variants"].get("fp32", row)["test_accuracy"]
+    failures = []
+    if variant == "fp32":
+        row["passed"] = (row["max_abs_diff_probabilities"] <= params.tolerance
+                         and (row["max_abs_diff_logits"] is None
+                              or row["max_abs_diff_logits"] <= params.tolerance)
+                         and row["top1_agreement"] == 1.0)
+        if not row["passed"]:
+            failures.append(f"fp32 differs from PyTorch (max |diff| probabilities "
+                            f"{row['max_abs_diff_probabilities']:.3g}, logits "
+                            f"{row['max_abs_diff_logits']}, top-1 agreement "
+                            f"{row['top1_agreement']:.4f}; limit export.tolerance="
+                            f"{params.tolerance:g} and 100 %)")
+    elif variant == "fp16":
+        row["passed"] = row["top1_agreement"] >= params.fp16_min_agreement
+        if not row["passed"]:
+            failures.append(f"fp16 top-1 agreement {row['top1_agreement']:.4f} < "
+                            f"export.fp16_min_agreement={params.fp16_min_agreement}")
+    else:
+        row["accuracy_drop_vs_fp32"] = fp32_acc - row["test_accuracy"]
+        row["passed"] = row["accuracy_drop_vs_fp32"] <= params.int8_max_accuracy_drop + 1e-12
+        if not row["passed"]:
+            failures.append(f"int8 test accuracy {row['test_accuracy']:.4f} is "
+                            f"{row['accuracy_drop_vs_fp32']:.4f} below fp32 (limit "
+                            f"export.int8_max_accuracy_drop={params.int8_max_accuracy_drop})")
+    return failures

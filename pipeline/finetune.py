@@ -1,0 +1,431 @@
+"""Stage 4, finetune: unfreeze the last block group(s) and train them with the head at a low LR.
+
+The Keras recipe: the head trained by ``train_head`` on frozen features is the warm start, then
+the last ``finetune.blocks`` block groups of the backbone (0 = head only, N, or ``all``) train
+together with it, with discriminative learning rates (``lr_backbone``, ``lr_head``), AdamW
+(no decay on biases and norms), linear warm-up then cosine, class weighting, label smoothing
+and early stopping. The warm start itself is evaluated as epoch 0 and the best epoch on the
+validation split is kept, so the result is never worse on val than the head alone.
+
+BatchNorm in the frozen part always runs in inference mode; in the unfrozen blocks it follows
+``finetune.train_bn`` (default off, as Keras advises for small data: running statistics stay
+fixed, the scale and shift still learn).
+
+Two paths give the same model (a test checks it):
+
+* ``mode: cut`` (default): trains on the activations that ``cut_cache`` stored at the cut,
+  epoch ``e`` using cached augmented view ``(e - 1) % views`` of every training image.
+* ``mode: classic``: decodes and augments the images every epoch and runs the frozen prefix
+  (no grad) before the trainable part: slower, but no cache on disk.
+
+With ``enabled: false`` the head-only model is written through the same outputs, so later stages
+always read ``models/model.safetensors`` (``backbone.*`` and ``head.*`` tensors) and
+``models/model.json``. The training state is saved after every epoch next to the model
+(``.model.safetensors.resume.pt``): a killed run resumes after its last finished epoch and ends
+with the same bytes as an uninterrupted one. Final outputs are written only at the end.
+
+Run: ``pipeline finetune --prepared data/prepared --cut-cache data/cut_cache ...``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import atomic_file, write_csv, write_json
+from .backbones import Backbone, BackboneParams, build_backbone
+from .blocks import Split, set_bn_modes, split_backbone
+from .cut_cache import CutCache, split_rows, uses_cache
+from .errors import PipelineError
+from .evaluation import classification_report
+from .finetune_data import FinetuneParams, check_same_backbone, image_batches, sequential_batches
+from .heads import Head, HeadConfig, load_head
+from .params import as_dict
+from .prepare import image_root, read_prepared
+from .preprocess import Preprocessing
+from .runtime import resolve_threads
+from .train_head import class_weights, lr_factor
+
+MODEL_FORMAT = 1
+
+
+class Classifier(nn.Module):
+    """Backbone + head: NCHW normalised pixels -> logits. What the export stage exports."""
+
+    def __init__(self, backbone: nn.Module, head: Head) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(pixels))
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+class CutSource:
+    """Training/eval inputs at the cut, read from the cut cache."""
+
+    def __init__(self, cache: CutCache) -> None:
+        self.cache = cache
+        self.train = cache.array("train")
+        self.train_labels = cache.labels("train")
+        self.views = self.train.shape[1]
+
+    def train_batches(self, epoch: int, batches: list[list[int]]) -> Iterator[torch.Tensor]:
+        view = (epoch - 1) % self.views
+        for indices in batches:
+            yield torch.from_numpy(np.array(self.train[indices, view], dtype=np.float32))
+
+    def eval_batches(self, name: str, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        data, labels = self.cache.array(name), self.cache.labels(name)
+        for indices in sequential_batches(len(labels), batch_size):
+            yield (torch.from_numpy(np.array(data[indices[0]:indices[-1] + 1],
+                                               dtype=np.float32)), labels[indices])
+
+
+class ClassicSource:
+    """Training/eval inputs at the cut, made every epoch from the images by the frozen prefix."""
+
+    def __init__(self, split: Split, pp: Preprocessing, paths: dict[str, list[Path]],
+                 labels: dict[str, np.ndarray], params: FinetuneParams, max_pixels: int) -> None:
+        self.split, self.pp, self.paths, self.labels = split, pp, paths, labels
+        self.params, self.max_pixels = params, max_pixels
+        self.train_labels = labels["train"]
+        self.views = params.cached_views
+
+    def _prefix(self, batch: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return self.split.prefix(torch.from_numpy(batch))
+
+    def train_batches(self, epoch: int, batches: list[list[int]]) -> Iterator[torch.Tensor]:
+        p = self.params
+        stream = image_batches(self.paths["train"], self.pp, batches, p.workers, p.augment,
+                               p.seed, (epoch - 1) % self.views, self.max_pixels)
+        for batch in stream:
+            yield self._prefix(batch)
+
+    def eval_batches(self, name: str, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        batches = sequential_batches(len(self.paths[name]), batch_size)
+        stream = image_batches(self.paths[name], self.pp, batches, self.params.workers,
+                               max_pixels=self.max_pixels)
+        for indices, batch in zip(batches, stream):
+            yield self._prefix(batch), self.labels[name][indices]
+
+
+# --------------------------------------------------------------------------- model and training
+
+
+def trainable_model(split: Split, head: Head) -> nn.Sequential:
+    """The part that trains: suffix blocks then head (input: activations at the cut)."""
+    return nn.Sequential(split.suffix, head)
+
+
+def freeze_all_but_suffix(backbone: Backbone, split: Split) -> None:
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    for p in split.suffix.parameters():
+        p.requires_grad_(True)
+
+
+def count_trainable(module: nn.Module) -> int:
+    return sum(int(p.numel()) for p in module.parameters() if p.requires_grad)
+
+
+def make_optimizer(split: Split, head: Head, params: FinetuneParams) -> torch.optim.AdamW:
+    """AdamW with discriminative LRs; biases and norm weights (1-D tensors) get no decay."""
+    def groups(module: nn.Module, lr: float) -> list[dict[str, Any]]:
+        decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
+        plain = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
+        return [g for g in ({"params": decay, "lr": lr, "weight_decay": params.weight_decay},
+                            {"params": plain, "lr": lr, "weight_decay": 0.0}) if g["params"]]
+
+    return torch.optim.AdamW(groups(split.suffix, params.lr_backbone) +
+                             groups(head, params.lr_head))
+
+
+def evaluate(model: nn.Module, source: Any, name: str, batch_size: int,
+             weight: torch.Tensor | None = None) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(loss, accuracy, predictions, labels) of ``model`` on split ``name``, eval mode."""
+    import torch.nn.functional as F
+
+    was = [m.training for m in model.modules()]
+    model.eval()
+    losses, preds, labels = [], [], []
+    with torch.no_grad():
+        for x, y in source.eval_batches(name, batch_size):
+            logits = model(x)
+            yt = torch.from_numpy(y)
+            losses.append(float(F.cross_entropy(logits, yt, reduction="sum")))
+            preds.append(logits.argmax(1).numpy())
+            labels.append(y)
+    for m, flag in zip(model.modules(), was):
+        m.train(flag)
+    if not labels:
+        return math.nan, math.nan, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pred, true = np.concatenate(preds), np.concatenate(labels)
+    return sum(losses) / len(true), float((pred == true).mean()), pred, true
+
+
+def train_epoch(model: nn.Module, source: Any, epoch: int, order: torch.Tensor, labels: torch.Tensor,
+                optimizer: torch.optim.Optimizer, scheduler: Any, batch_size: int,
+                weight: torch.Tensor | None, label_smoothing: float) -> float:
+    """One pass over the training split in ``order``; returns the mean training loss."""
+    import torch.nn.functional as F
+
+    batches = [sorted(order[s:s + batch_size].tolist()) for s in range(0, len(order), batch_size)]
+    running, seen = 0.0, 0
+    for indices, x in zip(batches, source.train_batches(epoch, batches)):
+        y = labels[indices]
+        loss = F.cross_entropy(model(x), y, weight=weight, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        running += float(loss.detach()) * len(indices)
+        seen += len(indices)
+    return running / max(1, seen)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    seconds_per_epoch: list[float]
+    resumed_from: int
+
+
+def _resume_path(model_path: Path) -> Path:
+    return model_path.with_name(f".{model_path.name}.resume.pt")
+
+
+def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_classes: int,
+        resume_path: Path | None = None, resume_key: str = "",
+        on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
+    """Fine-tune suffix + head in place (the best epoch's weights are loaded at the end)."""
+    torch.manual_seed(params.seed)
+    model = trainable_model(split, head)
+    labels = torch.from_numpy(source.train_labels)
+    weight = (torch.from_numpy(class_weights(source.train_labels, num_classes))
+              if params.class_weighting == "balanced" else None)
+    optimizer = make_optimizer(split, head, params)
+    steps = math.ceil(len(labels) / params.batch_size)
+    total, warmup = params.epochs * steps, params.warmup_epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, params.schedule))
+    generator = torch.Generator().manual_seed(params.seed)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    val_loss, val_acc, _, _ = evaluate(model, source, "val", params.batch_size)
+    history = [{"epoch": 0, "train_loss": math.nan, "val_loss": val_loss,
+                "val_accuracy": val_acc, "lr": 0.0}]
+    best = (val_acc, -val_loss)
+    best_epoch, best_state = 0, snapshot()
+    best_ft_loss, stale, start, seconds = math.inf, 0, 1, []
+    resumed_from = 0
+    if resume_path is not None and resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if state.get("key") == resume_key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            history, best_epoch, best_state = state["history"], state["best_epoch"], \
+                state["best_state"]
+            best = (state["best"][0], state["best"][1])
+            best_ft_loss, stale, seconds = state["best_ft_loss"], state["stale"], \
+                state["seconds"]
+            start = resumed_from = int(state["epoch"]) + 1
+    for epoch in range(start, params.epochs + 1):
+        if params.patience and stale >= params.patience:
+            break
+        t0 = time.perf_counter()
+        set_bn_modes(split, params.train_bn)
+        head.train()
+        order = torch.randperm(len(labels), generator=generator)
+        train_loss = train_epoch(model, source, epoch, order, labels, optimizer, scheduler,
+                                 params.batch_size, weight, params.label_smoothing)
+        val_loss, val_acc, _, _ = evaluate(model, source, "val", params.batch_size)
+        seconds.append(time.perf_counter() - t0)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"]})
+        print(f"finetune: epoch {epoch}/{params.epochs} train loss {train_loss:.4f} val loss "
+              f"{val_loss:.4f} val accuracy {val_acc:.4f} ({seconds[-1]:.1f} s)", flush=True)
+        if (val_acc, -val_loss) > best:
+            best, best_epoch, best_state = (val_acc, -val_loss), epoch, snapshot()
+        # early stopping compares fine-tuning epochs among themselves: the usual first-epoch
+        # dip below the warm start must not end the run
+        if val_loss < best_ft_loss - 1e-6:
+            best_ft_loss, stale = val_loss, 0
+        else:
+            stale += 1
+        if resume_path is not None:
+            state = {"key": resume_key, "epoch": epoch, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                     "history": history, "best_epoch": best_epoch, "best_state": best_state,
+                     "best": list(best), "best_ft_loss": best_ft_loss, "stale": stale,
+                     "seconds": seconds}
+            with atomic_file(resume_path) as tmp:
+                torch.save(state, tmp)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(history, best_epoch, seconds, resumed_from)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_model(backbone: Backbone, head: Head, weights_path: str | Path,
+               config_path: str | Path, config: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    state = {f"backbone.{k}": v.detach().contiguous()
+             for k, v in backbone.model.state_dict().items()}
+    state |= {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
+    with atomic_file(weights_path) as tmp:
+        save_file(state, str(tmp), metadata={"format": str(MODEL_FORMAT)})
+    write_json(config_path, config)
+
+
+def load_model(weights_path: str | Path, config_path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the classifier written by this stage: no download, no pickle."""
+    from safetensors.torch import load_file
+
+    for p in (weights_path, config_path):
+        if not Path(p).is_file():
+            raise PipelineError(f"{p} not found; run `pipeline finetune` (or dvc repro) first")
+    config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    if config.get("format") != MODEL_FORMAT:
+        raise PipelineError(f"{config_path}: not a model config written by `pipeline finetune`")
+    backbone = build_backbone(BackboneParams(name=config["backbone"]["name"], weights="none"))
+    state = load_file(str(weights_path))
+    backbone.model.load_state_dict(
+        {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    head = Head(HeadConfig(**config["head"]))
+    head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()
+                          if k.startswith("head.")})
+    model = Classifier(backbone.model, head).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, config
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: str | Path,
+        cut_cache_dir: str | Path, head_model: str | Path, head_config: str | Path,
+        model_path: str | Path, config_path: str | Path, metrics_path: str | Path,
+        plots_dir: str | Path, timing_path: str | Path | None = None,
+        on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Fine-tune (or, when disabled, pass the head-only model through); write all outputs."""
+    threads = resolve_threads(params.threads)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    model_path, plots_dir = Path(model_path), Path(plots_dir)
+    summary, classes, rows = read_prepared(prepared_dir)
+    head, head_cfg = load_head(head_model, head_config)
+    backbone = build_backbone(backbone_params)
+    fix = "re-run train_head for this backbone and data (dvc repro does it)"
+    check_same_backbone(backbone.describe(), head_cfg["backbone"], str(head_config), fix)
+    if head_cfg.get("manifest_sha256") != summary["manifest_sha256"]:
+        raise PipelineError(f"{head_config}: the head was trained on other data (manifest hash "
+                            f"differs from {prepared_dir}); {fix}")
+    if head_cfg["classes"] != classes:
+        raise PipelineError(f"{head_config}: the head's classes differ from {prepared_dir}; {fix}")
+    blocks = params.blocks if params.enabled else 0
+    split = split_backbone(backbone, blocks)
+    freeze_all_but_suffix(backbone, split)
+    root = image_root(prepared_dir, summary)
+    max_pixels = summary["params"]["max_image_pixels"]
+    cut_used = params.enabled and uses_cache(params, split)
+    if cut_used:
+        cache = CutCache(cut_cache_dir)
+        cache.check_matches(backbone, split, params, summary["manifest_sha256"])
+        source: Any = CutSource(cache)
+    else:
+        paths, labels = {}, {}
+        for name in ("train", "val", "test"):
+            paths[name], labels[name] = split_rows(rows, classes, root, name)
+        source = ClassicSource(split, backbone.preprocessing, paths, labels, params, max_pixels)
+    model = trainable_model(split, head)
+    trainable = count_trainable(model)
+    started = time.perf_counter()
+    if params.enabled:
+        resume_key = hashlib.sha256(json.dumps({
+            "params": as_dict(params), "threads": threads, "backbone": backbone.describe(),
+            "manifest": summary["manifest_sha256"], "head": _sha256(Path(head_model)),
+            "cache": CutCache(cut_cache_dir).meta if cut_used else None,
+        }, sort_keys=True, default=str).encode()).hexdigest()
+        result = fit(split, head, source, params, len(classes), _resume_path(model_path),
+                     resume_key, on_epoch_end)
+    else:
+        result = FitResult([], 0, [], 0)
+    model.eval()
+    _, _, val_pred, val_true = evaluate(model, source, "val", params.batch_size)
+    _, _, test_pred, test_true = evaluate(model, source, "test", params.batch_size)
+    metrics = {
+        "val": classification_report(val_true, val_pred, classes),
+        "test": classification_report(test_true, test_pred, classes),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history) - 1 if result.history else 0,
+        "enabled": params.enabled,
+        "mode": ("cut" if cut_used else "classic") if params.enabled else "head-only",
+        "blocks": split.blocks,
+        "num_block_groups": split.num_groups,
+        "trainable_parameters": trainable,
+        "head_only_val_accuracy": result.history[0]["val_accuracy"] if result.history else None,
+    }
+    config = {
+        "format": MODEL_FORMAT,
+        "classes": classes,
+        "backbone": backbone.describe(),
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "head": asdict(head.cfg),
+        "cut": split.describe(),
+        "manifest_sha256": summary["manifest_sha256"],
+        "params": as_dict(params),
+        "metrics": {"val_accuracy": metrics["val"]["accuracy"],
+                    "test_accuracy": metrics["test"]["accuracy"],
+                    "test_macro_f1": metrics["test"]["macro_f1"]},
+    }
+    save_model(backbone, head, model_path, config_path, config)
+    keys = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr")
+    write_csv(plots_dir / "training.csv", keys,
+              ([row[k] if k == "epoch" else ("" if math.isnan(row[k]) else f"{row[k]:.6g}")
+                for k in keys] for row in result.history))
+    write_csv(plots_dir / "confusion.csv", ("actual", "predicted"),
+              ((classes[a], classes[p]) for a, p in zip(test_true, test_pred)))
+    write_json(metrics_path, metrics)
+    if timing_path is not None:
+        write_json(timing_path, {
+            "mode": metrics["mode"], "threads": threads, "epochs_run": metrics["epochs_run"],
+            "resumed_from_epoch": result.resumed_from,
+            "seconds_per_epoch": [round(s, 3) for s in result.seconds_per_epoch],
+            "seconds_total": round(time.perf_counter() - started, 3)})
+    _resume_path(model_path).unlink(missing_ok=True)
+    print(f"finetune: {metrics['mode']}, {split.blocks}/{split.num_groups} block groups, "
+          f"{trainable:,} trainable parameters; best epoch {result.best_epoch}; val accuracy "
+          f"{metrics['val']['accuracy']:.4f}, test accuracy {metrics['test']['accuracy']:.4f}, "
+          f"test macro F1 {metrics['test']['macro_f1']:.4f}")
+    return metrics

@@ -1,0 +1,212 @@
+"""Which strategy should I use? Measure it: blocks sweep, from-scratch baseline, learning curve.
+
+The seed articles give rules of thumb (small/large data x similar/different to ImageNet -> how
+many layers to freeze). This command measures them on *your* data with the real stage functions
+(features -> train_head -> cut_cache -> finetune), each run in its own temporary folder:
+
+1. **blocks**: for each number of unfrozen block groups, test/val accuracy, trainable
+   parameters, training time and cut-cache time.
+2. **from scratch**: the same architecture with random weights, every block trained (BatchNorm
+   in training mode, classic path), the same epochs and augmentation: what transfer buys you.
+3. **learning curve**: head only, fine-tuned (``finetune.blocks`` from params) and from scratch
+   on seeded, stratified fractions of the training split (val and test unchanged).
+
+Writes ``sweep.json``, ``sweep.md`` (tables) and ``sweep.png`` (plots) into ``--out``.
+
+Run: ``pipeline sweep --blocks 0,1,2,3 --fractions 0.1,0.25,0.5,1 --scratch-fractions 0.1``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from .atomic import atomic_file, write_csv, write_json, write_text
+from .backbones import BackboneParams
+from .cut_cache import run as build_cut_cache
+from .features import FeaturesParams
+from .features import run as extract_features
+from .finetune import run as finetune
+from .finetune_data import FinetuneParams
+from .prepare import MANIFEST_HEADER, image_root, read_prepared, sha256_file
+from .train_head import TrainHeadParams
+from .train_head import run as train_head
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    backbone: BackboneParams
+    features: FeaturesParams
+    head: TrainHeadParams
+    finetune: FinetuneParams
+
+
+def subset_prepared(prepared_dir: Path, fraction: float, seed: int, out: Path) -> Path:
+    """A prepared folder whose train split keeps ``fraction`` of each class (val/test whole)."""
+    summary, classes, rows = read_prepared(prepared_dir)
+    rng = random.Random(seed)
+    by_class: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        if row["split"] == "train":
+            by_class[row["label"]].append(row)
+    keep = set()
+    for label in classes:
+        items = by_class[label]
+        n = max(1, round(len(items) * fraction))
+        keep.update(r["path"] for r in rng.sample(items, n))
+    chosen = [r for r in rows if r["split"] != "train" or r["path"] in keep]
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "manifest.csv", MANIFEST_HEADER, ([r[k] for k in MANIFEST_HEADER]
+                                                     for r in chosen))
+    write_json(out / "classes.json", classes)
+    sub = dict(summary)
+    sub["root"] = str(image_root(prepared_dir, summary).resolve())
+    sub["manifest_sha256"] = sha256_file(out / "manifest.csv")
+    sub["num_images"] = len(chosen)
+    sub["split_counts"] = {s: sum(r["split"] == s for r in chosen) for s in ("train", "val",
+                                                                             "test")}
+    write_json(out / "summary.json", sub)
+    return out
+
+
+def run_chain(cfg: SweepConfig, prepared: Path, work: Path, features_dir: Path | None = None,
+              head: tuple[Path, Path] | None = None) -> dict[str, Any]:
+    """features -> train_head -> cut_cache -> finetune in ``work``; reuse given parts."""
+    work.mkdir(parents=True, exist_ok=True)
+    if head is None:
+        if features_dir is None:
+            features_dir = work / "features"
+            extract_features(cfg.backbone, cfg.features, prepared, features_dir)
+        head = (work / "head.safetensors", work / "head.json")
+        head_metrics = train_head(cfg.head, features_dir, head[0], head[1],
+                                  work / "head_metrics.json", work / "head_plots")
+    else:
+        head_metrics = None
+    t0 = time.perf_counter()
+    cache_meta = build_cut_cache(cfg.backbone, cfg.finetune, prepared, work / "cut_cache")
+    cache_s = time.perf_counter() - t0
+    metrics = finetune(cfg.backbone, cfg.finetune, prepared, work / "cut_cache", head[0],
+                       head[1], work / "model.safetensors", work / "model.json",
+                       work / "metrics.json", work / "plots", work / "timing.json")
+    timing = json.loads((work / "timing.json").read_text())
+    return {
+        "test_accuracy": metrics["test"]["accuracy"],
+        "val_accuracy": metrics["val"]["accuracy"],
+        "head_only_test_accuracy": head_metrics["test"]["accuracy"] if head_metrics else None,
+        "trainable_parameters": metrics["trainable_parameters"],
+        "best_epoch": metrics["best_epoch"],
+        "epochs_run": metrics["epochs_run"],
+        "train_seconds": timing["seconds_total"],
+        "cut_cache_seconds": round(cache_s, 2) if cache_meta.get("cached") else 0.0,
+        "mode": metrics["mode"],
+    }
+
+
+def scratch_config(cfg: SweepConfig) -> SweepConfig:
+    """Same architecture, random init, every block trained with BN in training mode."""
+    return dataclasses.replace(
+        cfg, backbone=dataclasses.replace(cfg.backbone, weights="none"),
+        finetune=dataclasses.replace(cfg.finetune, blocks="all", mode="classic", train_bn=True,
+                                     lr_backbone=cfg.finetune.lr_head, enabled=True))
+
+
+def run(cfg: SweepConfig, prepared_dir: str | Path, features_dir: str | Path,
+        head_model: str | Path, head_config: str | Path, out_dir: str | Path,
+        blocks: Sequence[int | str], fractions: Sequence[float],
+        scratch_fractions: Sequence[float]) -> dict[str, Any]:
+    prepared_dir = Path(prepared_dir)
+    out_dir = Path(out_dir)
+    report: dict[str, Any] = {"backbone": cfg.backbone.name, "finetune_params":
+                              dataclasses.asdict(cfg.finetune), "blocks": [], "curve": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for b in blocks:
+            c = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, blocks=b))
+            print(f"sweep: blocks {b}", flush=True)
+            row = run_chain(c, prepared_dir, work / f"blocks_{b}",
+                            head=(Path(head_model), Path(head_config)))
+            report["blocks"].append({"blocks": b, **row})
+        for f in sorted(set(fractions) | set(scratch_fractions)):
+            prepared = (prepared_dir if f >= 1.0 else
+                        subset_prepared(prepared_dir, f, cfg.finetune.seed, work / f"prep_{f}"))
+            n_train = read_prepared(prepared)[0]["split_counts"]["train"]
+            entry: dict[str, Any] = {"fraction": f, "train_images": n_train}
+            if f in fractions:
+                print(f"sweep: fraction {f} (transfer)", flush=True)
+                row = run_chain(cfg, prepared, work / f"frac_{f}",
+                                features_dir=Path(features_dir) if f >= 1.0 else None)
+                entry["head_only"] = row["head_only_test_accuracy"]
+                entry["finetuned"] = row["test_accuracy"]
+            if f in scratch_fractions:
+                print(f"sweep: fraction {f} (from scratch)", flush=True)
+                row = run_chain(scratch_config(cfg), prepared, work / f"scratch_{f}")
+                entry["scratch"] = row["test_accuracy"]
+                entry["scratch_train_seconds"] = row["train_seconds"]
+            report["curve"].append(entry)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "sweep.json", report)
+    write_text(out_dir / "sweep.md", markdown(report))
+    plot(report, out_dir / "sweep.png")
+    print(markdown(report))
+    print(f"wrote {out_dir}/sweep.json, sweep.md, sweep.png")
+    return report
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Fine-tuning sweep ({report['backbone']})", "",
+             "| block groups trained | trainable parameters | test accuracy | val accuracy | "
+             "train s | cut cache s |", "|---|---|---|---|---|---|"]
+    for r in report["blocks"]:
+        lines.append(f"| {r['blocks']} | {r['trainable_parameters']:,} | "
+                     f"{_fmt(r['test_accuracy'])} | {_fmt(r['val_accuracy'])} | "
+                     f"{r['train_seconds']:.1f} | {r['cut_cache_seconds']:.1f} |")
+    lines += ["", "Learning curve (test accuracy):", "",
+              "| train fraction | train images | head only | fine-tuned | from scratch |",
+              "|---|---|---|---|---|"]
+    for e in report["curve"]:
+        lines.append(f"| {e['fraction']:g} | {e['train_images']} | {_fmt(e.get('head_only'))} "
+                     f"| {_fmt(e.get('finetuned'))} | {_fmt(e.get('scratch'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = report["blocks"]
+    left.plot([str(r["blocks"]) for r in rows], [r["test_accuracy"] for r in rows], "o-",
+              label="test accuracy")
+    left.set_xlabel("block groups trained")
+    left.set_ylabel("test accuracy")
+    left.set_title("Accuracy by unfrozen block groups")
+    twin = left.twinx()
+    twin.bar([str(r["blocks"]) for r in rows], [r["train_seconds"] for r in rows], alpha=0.25,
+             color="grey", label="train s")
+    twin.set_ylabel("training seconds")
+    for key, label in (("head_only", "head only"), ("finetuned", "fine-tuned"),
+                       ("scratch", "from scratch")):
+        pts = [(e["train_images"], e[key]) for e in report["curve"] if e.get(key) is not None]
+        if pts:
+            right.plot(*zip(*pts), "o-", label=label)
+    right.set_xscale("log")
+    right.set_xlabel("training images")
+    right.set_ylabel("test accuracy")
+    right.set_title("Learning curve")
+    right.legend()
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
