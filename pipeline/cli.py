@@ -40,7 +40,7 @@ def main() -> None:
     """Transfer learning for image classification, from a folder of images to one ONNX file.
 
     Stages (chained by dvc.yaml, run them all with `dvc repro`):
-    prepare -> features -> train-head -> cut-cache -> finetune.
+    prepare -> features -> train-head -> cut-cache -> finetune -> export.
     """
 
 
@@ -165,6 +165,78 @@ def finetune(params_path: str, prepared: str, cut_cache_dir: str, head_model: st
     run(read_section(params_path, BackboneParams, "backbone"),
         read_section(params_path, FinetuneParams, "finetune"), prepared, cut_cache_dir,
         head_model, head_config, model, config, metrics, plots, timing)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--model", default="models/model.safetensors", show_default=True,
+              type=click.Path(dir_okay=False), help="weights from `pipeline finetune`")
+@click.option("--config", default="models/model.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(),
+              help="test images for the checks, training images for INT8 calibration")
+@click.option("--out", default="models/model.onnx", show_default=True,
+              type=click.Path(dir_okay=False), help="the FP32 ONNX model to write")
+@click.option("--variants-dir", default="models/variants", show_default=True,
+              type=click.Path(file_okay=False), help="folder for the FP16/INT8 variants")
+@click.option("--metrics", default="metrics/export.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@friendly_errors
+def export(params_path: str, model: str, config: str, prepared: str, out: str,
+           variants_dir: str, metrics: str) -> None:
+    """Export one self-describing ONNX file (+ FP16/INT8 variants) and check it (params: export.*)."""
+    from .export import ExportParams, run
+    from .params import read_section
+
+    run(read_section(params_path, ExportParams, "export"), model, config, prepared, out,
+        variants_dir, metrics)
+
+
+@main.command()
+@click.option("--model", default="models/model.onnx", show_default=True,
+              type=click.Path(dir_okay=False), help="ONNX model written by `pipeline export`")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table")
+@click.option("--providers", default="cpu", show_default=True,
+              help="comma-separated, in order of preference: cpu, cuda, tensorrt")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="CPU threads (0: one per CPU this process may use)")
+@friendly_errors
+def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, providers: str,
+            batch_size: int, threads: int) -> None:
+    """Classify images (files or folders) with an exported model; torch is not used.
+
+    Exits with status 1 when any image could not be read (the others are still classified).
+    """
+    import json
+
+    from .runner import OnnxClassifier, expand_inputs
+
+    classifier = OnnxClassifier(model, [p.strip() for p in providers.split(",") if p.strip()],
+                                threads)
+    if not as_json:
+        click.echo(f"model {model} on {classifier.provider} "
+                   f"({len(classifier.classes)} classes)", err=True)
+    failed = 0
+    for result in classifier.predict_files(expand_inputs(inputs), top_k, batch_size):
+        if result.error:
+            failed += 1
+            if as_json:
+                click.echo(json.dumps({"path": result.path, "error": result.error}))
+            else:
+                click.echo(f"error: {result.path}: {result.error}", err=True)
+            continue
+        if as_json:
+            click.echo(json.dumps({"path": result.path, "provider": classifier.provider,
+                                   "predictions": [{"label": label, "probability": round(p, 6)}
+                                                   for label, p in result.top]}))
+        else:
+            top = "  ".join(f"{label} {p:.3f}" for label, p in result.top)
+            click.echo(f"{result.path}\t{top}")
+    if failed:
+        raise SystemExit(1)
 
 
 @main.command("bench-features")

@@ -140,12 +140,7 @@ def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
         raw = export_module(wrapped, example, Path(work) / "raw.onnx", input_name="image",
                             output_names=("probabilities", "logits"), opset=params.opset)
         model = onnx.load(str(raw))
-    nodes_exported = len(model.graph.node)
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    if not params.logits_output:  # logits stay computed (softmax needs them), not exposed
-        keep = [o for o in model.graph.output if o.name != "logits"]
-        del model.graph.output[:]
-        model.graph.output.extend(keep)
     outputs = [o.name for o in model.graph.output]
     del model.metadata_props[:]
     for key, value in metadata(config, params, outputs).items():
@@ -153,8 +148,24 @@ def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
     model.producer_name, model.producer_version = "pipeline", __version__
     onnx.checker.check_model(model, full_check=True)
     _write_model(model, path)
-    return {"nodes": len(model.graph.node), "nodes_before_shape_inference": nodes_exported,
-            "outputs": outputs}
+    return {"nodes": len(model.graph.node), "initializers": len(model.graph.initializer),
+            "simplified_by": "torch.onnx dynamo export with onnxscript's optimizer (constant "
+                             "folding, dead-code elimination), then onnx shape inference"}
+
+
+def drop_logits_output(path: Path) -> None:
+    """Keep ``probabilities`` only (logits stay computed inside: softmax needs them)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    keep = [o for o in model.graph.output if o.name != "logits"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    for prop in model.metadata_props:
+        if prop.key == "outputs":
+            prop.value = json.dumps([o.name for o in keep])
+    onnx.checker.check_model(model, full_check=True)
+    _write_model(model, path)
 
 
 def export_fp16(fp32_path: Path, path: Path) -> None:
@@ -291,6 +302,10 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
             failures += _check(variant, row, report, params)
         if failures:
             raise PipelineError("export checks failed, nothing written: " + "; ".join(failures))
+        if not params.logits_output:
+            for path in staged.values():
+                drop_logits_output(path)
+        report["outputs"] = ["probabilities"] + (["logits"] if params.logits_output else [])
         with atomic_dir(variants_dir) as tmp:
             for variant in params.variants:
                 shutil.copyfile(staged[variant], tmp / staged[variant].name)

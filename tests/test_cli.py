@@ -11,7 +11,9 @@ from .conftest import TINY_BACKBONE
 
 
 @pytest.mark.parametrize("command", [[], ["prepare"], ["features"], ["train-head"],
-                                     ["bench-features"], ["backbones"]])
+                                     ["bench-features"], ["backbones"], ["cut-cache"],
+                                     ["finetune"], ["bench-finetune"], ["sweep"], ["export"],
+                                     ["predict"]])
 def test_help(command):
     result = CliRunner().invoke(main, command + ["--help"])
     assert result.exit_code == 0 and "Usage:" in result.output

@@ -1,0 +1,285 @@
+"""Export + runner: round trip, dynamic batch, metadata, variants, bad models, bad images."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.backbones import BackboneParams
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+from pipeline.export import ExportParams, run
+from pipeline.features import FeaturesParams
+from pipeline.features import run as extract_features
+from pipeline.finetune import load_model
+from pipeline.finetune import run as finetune
+from pipeline.finetune_data import FinetuneParams, view_pixels
+from pipeline.prepare import PrepareParams, image_root, read_prepared
+from pipeline.prepare import run as prepare
+from pipeline.preprocess import Preprocessing, resize_and_crop
+from pipeline.runner import ModelError, OnnxClassifier
+from pipeline.train_head import TrainHeadParams
+from pipeline.train_head import run as train_head
+
+from .conftest import REPO, TINY_BACKBONE, make_image
+
+TINY = BackboneParams(**TINY_BACKBONE)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny fine-tuned model exported with both variants."""
+    root = tmp_path_factory.mktemp("export")
+    prepare(PrepareParams(source="sklearn-digits", max_images_per_class=6, val_fraction=0.2,
+                          test_fraction=0.2), root / "prepared")
+    extract_features(TINY, FeaturesParams(batch_size=16, threads=2), root / "prepared",
+                     root / "features")
+    train_head(TrainHeadParams(epochs=10, threads=2), root / "features",
+               root / "head.safetensors", root / "head.json", root / "hm.json", root / "hp")
+    finetune(TINY, FinetuneParams(blocks=1, epochs=1, warmup_epochs=0, mode="classic",
+                                  threads=2, batch_size=8), root / "prepared", root / "none",
+             root / "head.safetensors", root / "head.json", root / "model.safetensors",
+             root / "model.json", root / "fm.json", root / "fp")
+    report = run(ExportParams(threads=2, calibration_images=16), root / "model.safetensors",
+                 root / "model.json", root / "prepared", root / "out" / "model.onnx",
+                 root / "out" / "variants", root / "export.json")
+    return root, report
+
+
+def test_export_checks_pass_and_are_recorded(exported):
+    root, report = exported
+    assert json.loads((root / "export.json").read_text()) == report
+    fp32, fp16, int8 = (report["variants"][v] for v in ("fp32", "fp16", "int8"))
+    assert fp32["max_abs_diff_probabilities"] <= 1e-4 and fp32["max_abs_diff_logits"] <= 1e-4
+    assert fp32["top1_agreement"] == 1.0 and fp32["passed"]
+    assert fp16["top1_agreement"] >= 0.995 and int8["accuracy_drop_vs_fp32"] <= 0.01
+    assert (root / "out" / "variants" / "model.fp16.onnx").is_file()
+    assert (root / "out" / "variants" / "model.int8.onnx").is_file()
+    int8_model = onnx.load(str(root / "out" / "variants" / "model.int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in int8_model.graph.node)
+
+
+def test_one_self_contained_file_with_metadata(exported):
+    root, _ = exported
+    model = onnx.load(str(root / "out" / "model.onnx"), load_external_data=False)
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert [f.name for f in (root / "out").iterdir()] and \
+        sorted(p.name for p in (root / "out").iterdir()) == ["model.onnx", "variants"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == [str(d) for d in range(10)]
+    assert (meta["input_layout"], meta["input_dtype"], meta["input_size"]) == ("NHWC", "uint8",
+                                                                              "160")
+    assert meta["crop"] == "center" and "centre-crop 160" in meta["resize_policy"]
+    assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert meta["backbone"] == "timm:test_efficientnet" and meta["pipeline_version"]
+    assert "test_accuracy" in json.loads(meta["training_metrics"])
+    summary = read_prepared(root / "prepared")[0]
+    assert meta["training_manifest_sha256"] == summary["manifest_sha256"]
+    assert json.loads(meta["outputs"]) == ["probabilities"]
+    assert [o.name for o in model.graph.output] == ["probabilities"]
+
+
+def test_dynamic_batch_really_works(exported):
+    root, _ = exported
+    session = ort.InferenceSession(str(root / "out" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).integers(0, 256, (7, 160, 160, 3), dtype=np.uint8)
+    seven = session.run(None, {"image": x})[0]
+    ones = np.concatenate([session.run(None, {"image": x[i:i + 1]})[0] for i in range(7)])
+    assert seven.shape == (7, 10) and np.abs(seven - ones).max() < 1e-5
+    assert np.allclose(seven.sum(1), 1.0, atol=1e-5)
+
+
+def _test_images(root):
+    summary, classes, rows = read_prepared(root / "prepared")
+    base = image_root(root / "prepared", summary)
+    return [base / r["path"] for r in rows if r["split"] == "test"], classes
+
+
+def test_runner_matches_the_pytorch_model_and_training_preprocessing(exported):
+    root, _ = exported
+    paths, classes = _test_images(root)
+    runner = OnnxClassifier(root / "out" / "model.onnx")
+    assert runner.provider == "CPUExecutionProvider" and runner.classes == classes
+    model, config = load_model(root / "model.safetensors", root / "model.json")
+    pp = Preprocessing.from_dict(config["preprocessing"])
+    x = np.stack([view_pixels(p, pp, "none", 0, 0, 0) for p in paths])
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
+    results = list(runner.predict_files(paths, top_k=3, batch_size=7))
+    assert [r.path for r in results] == [str(p) for p in paths]
+    for r, probs in zip(results, expected):
+        label, p = r.top[0]
+        assert label == classes[int(probs.argmax())] and p == pytest.approx(probs.max(), abs=1e-4)
+        assert len(r.top) == 3 and r.top[0][1] >= r.top[1][1] >= r.top[2][1]
+    # the runner's tensor is exactly the training preprocessing's
+    img = Image.open(paths[0]).convert("RGB")
+    assert np.array_equal(runner.prepare(img), resize_and_crop(img, pp))
+
+
+def test_float_input_variant_with_logits(exported, tmp_path):
+    root, _ = exported
+    params = ExportParams(threads=2, input="float32_nchw", logits_output=True, variants=())
+    report = run(params, root / "model.safetensors", root / "model.json", root / "prepared",
+                 tmp_path / "m.onnx", tmp_path / "v", tmp_path / "e.json")
+    assert report["variants"]["fp32"]["passed"] and report["outputs"] == ["probabilities",
+                                                                          "logits"]
+    runner = OnnxClassifier(tmp_path / "m.onnx")
+    assert runner.contract.layout == "NCHW"
+    paths, _ = _test_images(root)
+    img = Image.open(paths[0]).convert("RGB")
+    pp = runner.contract.preprocessing
+    assert np.allclose(runner.prepare(img), view_pixels(paths[0], pp, "none", 0, 0, 0))
+    reference = OnnxClassifier(root / "out" / "model.onnx").predict_images([img], 10)[0]
+    for (la, pa), (lb, pb) in zip(runner.predict_images([img], 10)[0], reference):
+        assert pa == pytest.approx(pb, abs=1e-5)
+
+
+def test_failed_check_writes_nothing(exported, tmp_path):
+    root, _ = exported
+    with pytest.raises(PipelineError, match="export checks failed, nothing written: fp32"):
+        run(ExportParams(threads=2, tolerance=1e-15, variants=()), root / "model.safetensors",
+            root / "model.json", root / "prepared", tmp_path / "m.onnx", tmp_path / "v",
+            tmp_path / "e.json")
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_predict_cli_table_json_and_bad_images(exported, tmp_path):
+    root, _ = exported
+    paths, _ = _test_images(root)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    model = str(root / "out" / "model.onnx")
+    result = CliRunner().invoke(main, ["predict", "--model", model, str(paths[0]), str(bad),
+                                       str(paths[1]), "--json", "--top-k", "2"])
+    assert result.exit_code == 1, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [line["path"] for line in lines] == [str(paths[0]), str(bad), str(paths[1])]
+    assert "error" in lines[1] and "broken.png" not in lines[1]["error"]
+    assert len(lines[0]["predictions"]) == 2 and lines[0]["provider"] == "CPUExecutionProvider"
+    folder = tmp_path / "imgs"
+    for i in range(3):
+        make_image(folder / f"{i}.png", seed=i)
+    table = CliRunner().invoke(main, ["predict", "--model", model, str(folder)])
+    assert table.exit_code == 0, table.output
+    assert table.output.count(str(folder)) == 3 and "CPUExecutionProvider" in table.output
+
+
+def test_providers_are_checked_and_reported(exported):
+    root, _ = exported
+    result = CliRunner().invoke(main, ["predict", "--model", str(root / "out" / "model.onnx"),
+                                       "x.png", "--providers", "gpu"])
+    assert result.exit_code != 0 and "unknown provider 'gpu'" in result.output
+    runner = OnnxClassifier(root / "out" / "model.onnx", providers=["cuda", "cpu"])
+    if not torch.cuda.is_available():  # onnxruntime falls back to CPU: we say so
+        assert runner.provider == "CPUExecutionProvider"
+
+
+def test_models_that_break_the_contract_are_refused(exported, tmp_path):
+    root, _ = exported
+    model = onnx.load(str(root / "out" / "model.onnx"))
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ModelError, match="not a model exported by `pipeline export`"):
+        OnnxClassifier(tmp_path / "plain.onnx")
+    for prop in model.metadata_props:
+        if prop.key == "input_size":
+            prop.value = "224"
+    onnx.save(model, str(tmp_path / "lying.onnx"))
+    with pytest.raises(ModelError, match="does not match its metadata"):
+        OnnxClassifier(tmp_path / "lying.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelError, match="junk.onnx"):
+        OnnxClassifier(tmp_path / "junk.onnx")
+
+
+def test_external_data_outside_the_folder_is_refused(exported, tmp_path):
+    root, _ = exported
+    model = onnx.load(str(root / "out" / "model.onnx"))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    (tmp_path / "outside.bin").write_bytes(tensor.raw_data)
+    length = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../outside.bin"), ("offset", "0"), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "model.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="outside the model's folder"):
+        OnnxClassifier(tmp_path / "sub" / "model.onnx")
+
+
+def _blocked_torch_env(tmp_path: Path) -> dict[str, str]:
+    blocker = tmp_path / "blocker"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    return {"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin"}
+
+
+def test_runner_imports_and_predicts_without_torch(exported, tmp_path):
+    root, _ = exported
+    paths, _ = _test_images(root)
+    code = textwrap.dedent(f"""
+        import sys
+        from pipeline.runner import OnnxClassifier
+        runner = OnnxClassifier({str(root / 'out' / 'model.onnx')!r})
+        result = next(runner.predict_files([{str(paths[0])!r}], top_k=1))
+        assert "torch" not in sys.modules or sys.modules["torch"] is None
+        print(result.top[0][0])
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=_blocked_torch_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    expected = OnnxClassifier(root / "out" / "model.onnx").predict_files([paths[0]], top_k=1)
+    assert result.stdout.strip() == next(expected).top[0][0]
+
+
+def test_readme_snippet_runs_with_onnxruntime_numpy_pillow_only(exported, tmp_path):
+    root, _ = exported
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Use the exported model in your app", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "pipeline" not in snippet.replace("models/model.onnx", "")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.onnx").write_bytes((root / "out" / "model.onnx").read_bytes())
+    (tmp_path / "app.py").write_text(snippet)
+    paths, _ = _test_images(root)
+    env = _blocked_torch_env(tmp_path)
+    env["PYTHONNOUSERSITE"] = "1"
+    result = subprocess.run([sys.executable, "-S", "-c",
+                             "import site, sys; site.main(); "
+                             "sys.modules['pipeline'] = None; "
+                             "sys.argv = ['app.py'] + sys.argv[1:]; "
+                             "exec(open('app.py').read())", *map(str, paths[:4])],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    runner = OnnxClassifier(root / "out" / "model.onnx")
+    for line, r in zip(result.stdout.splitlines(), runner.predict_files(paths[:4], top_k=1)):
+        label, prob = r.top[0]
+        assert line == f"{r.path}: {label} {prob:.3f}"
+
+
+def test_export_params_reject_unknown_variant():
+    from pipeline.errors import ParamsError
+    from pipeline.params import parse_section
+
+    with pytest.raises(ParamsError, match=r"export.variants\[0\] must be one of 'fp16', 'int8'"):
+        parse_section(ExportParams, {"variants": ["bf16"]}, "export")
+    assert dataclasses.replace(ExportParams(), variants=()).variants == ()
