@@ -20,6 +20,13 @@ PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", s
                              help="params file whose sections configure the stage")
 
 
+def is_main_process() -> bool:
+    """False on the ranks > 0 of a torchrun launch (they stay quiet)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -40,7 +47,7 @@ def main() -> None:
     """Transfer learning for image classification, from a folder of images to one ONNX file.
 
     Stages (chained by dvc.yaml, run them all with `dvc repro`):
-    prepare -> features -> train-head -> cut-cache -> finetune -> export.
+    prepare -> features -> train-head -> cut-cache -> finetune -> export -> bench.
     """
 
 
@@ -76,14 +83,22 @@ def prepare(params_path: str, out: str) -> None:
 def features(params_path: str, prepared: str, out: str, metrics: str) -> None:
     """Run the frozen backbone once and cache features (params: backbone.*, features.*)."""
     from .backbones import BackboneParams
+    from .distributed import LauncherParams, relaunch
     from .features import FeaturesParams, run
     from .params import read_section
 
     backbone = read_section(params_path, BackboneParams, "backbone")
     params = read_section(params_path, FeaturesParams, "features")
-    result = run(backbone, params, prepared, out, metrics)
-    click.echo(f"features: {result['images']} images, {result['images_per_second_backbone']} "
-               f"img/s on {result['provider']} ({result['threads']} threads) -> {out}")
+    launcher = read_section(params_path, LauncherParams, "launcher")
+    code = relaunch(launcher, ["features", "--params", params_path, "--prepared", prepared,
+                               "--out", out, "--metrics", metrics])
+    if code is not None:
+        raise SystemExit(code)
+    result = run(backbone, params, prepared, out, metrics, backend=launcher.backend)
+    if is_main_process():
+        click.echo(f"features: {result['images']} images, {result['images_per_second_backbone']}"
+                   f" img/s on {result['provider']} ({result['threads']} threads, "
+                   f"{result['world_size']} process(es)) -> {out}")
 
 
 @main.command("train-head")
@@ -162,9 +177,19 @@ def finetune(params_path: str, prepared: str, cut_cache_dir: str, head_model: st
     from .finetune_data import FinetuneParams
     from .params import read_section
 
-    run(read_section(params_path, BackboneParams, "backbone"),
-        read_section(params_path, FinetuneParams, "finetune"), prepared, cut_cache_dir,
-        head_model, head_config, model, config, metrics, plots, timing)
+    from .distributed import LauncherParams, relaunch
+
+    backbone = read_section(params_path, BackboneParams, "backbone")
+    params = read_section(params_path, FinetuneParams, "finetune")
+    launcher = read_section(params_path, LauncherParams, "launcher")
+    code = relaunch(launcher, [
+        "finetune", "--params", params_path, "--prepared", prepared, "--cut-cache",
+        cut_cache_dir, "--head", head_model, "--head-config", head_config, "--model", model,
+        "--config", config, "--metrics", metrics, "--timing", timing, "--plots", plots])
+    if code is not None:
+        raise SystemExit(code)
+    run(backbone, params, prepared, cut_cache_dir, head_model, head_config, model, config,
+        metrics, plots, timing, backend=launcher.backend)
 
 
 @main.command()
@@ -237,6 +262,31 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
             click.echo(f"{result.path}\t{top}")
     if failed:
         raise SystemExit(1)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--model", default="models/model.onnx", show_default=True,
+              type=click.Path(dir_okay=False), help="FP32 ONNX model from `pipeline export`")
+@click.option("--variants-dir", default="models/variants", show_default=True,
+              type=click.Path(file_okay=False), help="folder with model.fp16/int8.onnx")
+@click.option("--weights", default="models/model.safetensors", show_default=True,
+              type=click.Path(dir_okay=False), help="PyTorch weights for the eager baseline")
+@click.option("--config", default="models/model.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(),
+              help="test split for the accuracy column")
+@click.option("--out", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="folder for bench.json, bench.md and bench.png")
+@friendly_errors
+def bench(params_path: str, model: str, variants_dir: str, weights: str, config: str,
+          prepared: str, out: str) -> None:
+    """onnxruntime CPU/CUDA/TensorRT vs PyTorch eager: latency, throughput, accuracy, memory."""
+    from .bench import BenchParams, run
+    from .params import read_section
+
+    run(read_section(params_path, BenchParams, "bench"), model, variants_dir, weights, config,
+        prepared, out)
 
 
 @main.command("bench-features")
@@ -352,6 +402,31 @@ def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, h
                       read_section(params_path, FinetuneParams, "finetune"))
     run(cfg, prepared, features_dir, head_model, head_config, out, blocks, fractions,
         scratch_fractions)
+
+
+@main.command("bench-scaling")
+@PARAMS_OPTION
+@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
+@click.option("--cut-cache", "cut_cache_dir", default="data/cut_cache", show_default=True,
+              type=click.Path())
+@click.option("--head", "head_model", default="models/head.safetensors", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--head-config", default="models/head.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--procs", default="1,2", show_default=True, callback=_csv_list(int),
+              help="process counts to compare (torchrun --nproc-per-node)")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--out", default="reports/bench_scaling.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@friendly_errors
+def bench_scaling(params_path: str, prepared: str, cut_cache_dir: str, head_model: str,
+                  head_config: str, procs: list[int], epochs: int, out: str) -> None:
+    """Features and fine-tuning throughput at 1, 2, ... processes (torchrun, gloo on CPU)."""
+    from .bench_scaling import run
+
+    if not procs or min(procs) < 1:
+        raise click.BadParameter("--procs must list process counts >= 1")
+    run(params_path, prepared, cut_cache_dir, head_model, head_config, out, procs, epochs)
 
 
 @main.command()

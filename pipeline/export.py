@@ -37,7 +37,7 @@ from . import __version__
 from .atomic import atomic_dir, atomic_file, write_json
 from .errors import PipelineError
 from .imageio import load_rgb
-from .params import as_dict, param
+from .params import param
 from .prepare import image_root, read_prepared
 from .preprocess import Preprocessing, normalize, resize_and_crop
 from .runtime import resolve_threads
@@ -55,6 +55,7 @@ class ExportParams:
     logits_output: bool = False
     variants: tuple[Variant, ...] = ("fp16", "int8")
     calibration_images: int = param(128, ge=1, help="training images for INT8 calibration")
+    int8_calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     check_images: int = param(64, ge=1, help="test images for the max |diff| check")
     tolerance: float = param(1e-4, gt=0.0, help="max |onnxruntime - PyTorch|, FP32")
     fp16_min_agreement: float = param(0.995, ge=0.0, le=1.0)
@@ -178,11 +179,12 @@ def export_fp16(fp32_path: Path, path: Path) -> None:
     _write_model(model, path)
 
 
-def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
-    """Static QDQ quantisation (U8 activations, S8 per-channel weights), MinMax calibration."""
+def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray,
+                method: str = "minmax") -> None:
+    """Static QDQ quantisation (U8 activations, S8 per-channel weights)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -199,7 +201,10 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray) -> None:
         out = Path(work) / "int8.onnx"
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        per_channel=True)
+                        per_channel=True,
+                        calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                          "percentile": CalibrationMethod.Percentile,
+                                          "entropy": CalibrationMethod.Entropy}[method])
         model = onnx.load(str(out))
     fp32 = onnx.load(str(fp32_path), load_external_data=False)
     del model.metadata_props[:]
@@ -283,7 +288,7 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
             calib = _images([root / r["path"] for r in calib_rows], pp, max_pixels)
             if params.input != "uint8_nhwc":
                 calib = normalize(calib, pp)
-            export_int8(staged["fp32"], staged["int8"], calib)
+            export_int8(staged["fp32"], staged["int8"], calib, params.int8_calibration)
             report["calibration_images"] = len(calib)
         for variant, path in staged.items():
             probs, logits = _run_ort(path, test_pixels, params, pp)

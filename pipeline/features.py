@@ -111,10 +111,22 @@ def reference_features(backbone: Backbone, batch: np.ndarray) -> np.ndarray:
 
 
 def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: str | Path,
-        out_dir: str | Path, metrics_path: str | Path | None = None) -> dict[str, Any]:
-    """Extract features for every manifest row into ``out_dir``; return timing metrics."""
+        out_dir: str | Path, metrics_path: str | Path | None = None,
+        backend: str = "auto") -> dict[str, Any]:
+    """Extract features for every manifest row into ``out_dir``; return timing metrics.
+
+    Under torchrun, rank ``r`` of ``W`` extracts batches ``r, r + W, ...`` into the one
+    memory-mapped cache that rank 0 created and publishes: same batches, same order, same
+    bytes as a single process.
+    """
+    import contextlib
+
     import torch
 
+    from .distributed import context
+    from .finetune_data import image_batches, sequential_batches
+
+    ctx = context(params.device, backend)
     summary, classes, rows = read_prepared(prepared_dir)
     root = image_root(prepared_dir, summary)
     threads = resolve_threads(params.threads)
@@ -129,64 +141,77 @@ def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: s
         raise PipelineError(f"{prepared_dir}/manifest.csv: unexpected label or split {exc}; "
                             "re-run prepare") from None
     n, dim = len(rows), backbone.feature_dim
+    batches = sequential_batches(n, params.batch_size)
+    mine = batches[ctx.rank::ctx.world_size]
     started = time.perf_counter()
     max_diff = None
-    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as work:
-        extract, provider = make_extractor(backbone, params, Path(work))
-        features = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
-                                             dtype=np.float32, shape=(n, dim))
-        done = 0
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        tmp = stack.enter_context(atomic_dir(out_dir)) if ctx.is_main else None
+        if tmp is not None:
+            np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32,
+                                      shape=(n, dim)).flush()
+        tmp = Path(ctx.broadcast(str(tmp) if tmp is not None else None))
+        extract, provider = make_extractor(backbone, params, work)
+        features = np.load(tmp / "features.npy", mmap_mode="r+")
         extract_seconds = 0.0
-        batches = iter_batches(paths, backbone.preprocessing, params.batch_size, params.workers,
-                               summary["params"]["max_image_pixels"])
-        with tqdm(total=n, desc=f"features ({provider})", unit="img") as bar:
-            for batch in batches:
+        stream = image_batches(paths, backbone.preprocessing, mine, params.workers,
+                               max_pixels=summary["params"]["max_image_pixels"])
+        label = f"features ({provider})" + (f" rank {ctx.rank}/{ctx.world_size}"
+                                            if ctx.active else "")
+        with tqdm(total=sum(len(b) for b in mine), desc=label, unit="img") as bar:
+            for indices, batch in zip(mine, stream):
                 t0 = time.perf_counter()
                 out = extract(batch)
                 extract_seconds += time.perf_counter() - t0
                 if out.shape != (len(batch), dim):
                     raise PipelineError(f"backbone returned shape {out.shape}, expected "
                                         f"({len(batch)}, {dim})")
-                if done == 0 and params.engine != "torch":
+                if max_diff is None and params.engine != "torch":
                     max_diff = float(np.abs(out - reference_features(backbone, batch)).max())
                     if not max_diff <= params.verify_tolerance:
                         raise PipelineError(
                             f"features differ from the PyTorch reference by {max_diff:.3g} > "
                             f"features.verify_tolerance={params.verify_tolerance:g}; use "
                             "features.engine: torch for this backbone")
-                features[done:done + len(batch)] = out
-                done += len(batch)
+                features[indices[0]:indices[-1] + 1] = out
                 bar.update(len(batch))
         features.flush()
         del features
-        np.save(tmp / "labels.npy", labels)
-        np.save(tmp / "splits.npy", splits)
-        meta = {
-            "format": FEATURES_FORMAT,
-            "backbone": backbone.describe(),
-            "feature_shape": [n, dim],
-            "dtype": "float32",
-            "classes": classes,
-            "split_codes": list(SPLITS),
-            "split_counts": {s: int((splits == i).sum()) for i, s in enumerate(SPLITS)},
-            "manifest_sha256": summary["manifest_sha256"],
-            "engine": params.engine,
-            "params": as_dict(params) | {"threads": threads},
-        }
-        write_json(tmp / "meta.json", meta)
+        ctx.barrier()  # every rank's rows are on disk before rank 0 publishes the folder
+        if ctx.is_main:
+            np.save(tmp / "labels.npy", labels)
+            np.save(tmp / "splits.npy", splits)
+            meta = {
+                "format": FEATURES_FORMAT,
+                "backbone": backbone.describe(),
+                "feature_shape": [n, dim],
+                "dtype": "float32",
+                "classes": classes,
+                "split_codes": list(SPLITS),
+                "split_counts": {s: int((splits == i).sum()) for i, s in enumerate(SPLITS)},
+                "manifest_sha256": summary["manifest_sha256"],
+                "engine": params.engine,
+                "params": as_dict(params) | {"threads": threads},
+            }
+            write_json(tmp / "meta.json", meta)
+    ctx.barrier()
     total = time.perf_counter() - started
     metrics = {
         "images": n,
         "provider": provider,
         "threads": threads,
         "batch_size": params.batch_size,
+        "world_size": ctx.world_size,
         "seconds_total": round(total, 3),
         "seconds_backbone": round(extract_seconds, 3),
-        "images_per_second_backbone": round(n / extract_seconds, 2) if extract_seconds else None,
+        "images_per_second_backbone": (round(sum(len(b) for b in mine) / extract_seconds, 2)
+                                       if extract_seconds else None),
         "max_abs_diff_vs_torch_first_batch": max_diff,
     }
-    if metrics_path is not None:
+    if metrics_path is not None and ctx.is_main:
         write_json(metrics_path, metrics)
+    ctx.close()
     return metrics
 
 

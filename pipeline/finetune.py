@@ -45,6 +45,7 @@ from .atomic import atomic_file, write_csv, write_json
 from .backbones import Backbone, BackboneParams, build_backbone
 from .blocks import Split, set_bn_modes, split_backbone
 from .cut_cache import CutCache, split_rows, uses_cache
+from .distributed import DistContext, context
 from .errors import PipelineError
 from .evaluation import classification_report
 from .finetune_data import FinetuneParams, check_same_backbone, image_batches, sequential_batches
@@ -179,22 +180,46 @@ def evaluate(model: nn.Module, source: Any, name: str, batch_size: int,
 
 def train_epoch(model: nn.Module, source: Any, epoch: int, order: torch.Tensor, labels: torch.Tensor,
                 optimizer: torch.optim.Optimizer, scheduler: Any, batch_size: int,
-                weight: torch.Tensor | None, label_smoothing: float) -> float:
-    """One pass over the training split in ``order``; returns the mean training loss."""
+                weight: torch.Tensor | None, label_smoothing: float,
+                ctx: DistContext | None = None) -> float:
+    """One pass over the training split in ``order``; returns the mean training loss.
+
+    Under DistributedDataParallel every rank walks the same global batches and takes its
+    contiguous share of each; its loss is scaled so that DDP's gradient average equals the
+    single-process gradient of the whole batch (class weights and label smoothing included).
+    """
     import torch.nn.functional as F
 
     batches = [sorted(order[s:s + batch_size].tolist()) for s in range(0, len(order), batch_size)]
+    world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
+    shards = [np.array_split(np.array(b), world)[rank].tolist() for b in batches]
     running, seen = 0.0, 0
-    for indices, x in zip(batches, source.train_batches(epoch, batches)):
+    for full, indices, x in zip(batches, shards, source.train_batches(epoch, shards)):
         y = labels[indices]
-        loss = F.cross_entropy(model(x), y, weight=weight, label_smoothing=label_smoothing)
+        if world == 1:
+            loss = F.cross_entropy(model(x), y, weight=weight, label_smoothing=label_smoothing)
+            batch_loss = float(loss.detach())
+        else:
+            w_all = weight[labels[full]] if weight is not None else torch.ones(len(full))
+            local = F.cross_entropy(model(x), y, weight=weight, label_smoothing=label_smoothing,
+                                    reduction="sum") / w_all.sum()
+            loss = local * world  # DDP averages gradients over the ranks
+            batch_loss = _all_sum(float(local.detach()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        running += float(loss.detach()) * len(indices)
-        seen += len(indices)
+        running += batch_loss * len(full)
+        seen += len(full)
     return running / max(1, seen)
+
+
+def _all_sum(value: float) -> float:
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
 
 
 @dataclass
@@ -211,10 +236,22 @@ def _resume_path(model_path: Path) -> Path:
 
 def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_classes: int,
         resume_path: Path | None = None, resume_key: str = "",
-        on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
-    """Fine-tune suffix + head in place (the best epoch's weights are loaded at the end)."""
+        on_epoch_end: Callable[[int], None] | None = None,
+        ctx: DistContext | None = None) -> FitResult:
+    """Fine-tune suffix + head in place (the best epoch's weights are loaded at the end).
+
+    Under torchrun (``ctx.active``) the trainable part runs in DistributedDataParallel; every
+    rank evaluates the whole val split with the same synchronised weights, so all ranks take
+    the same best-epoch and early-stopping decisions; only rank 0 writes the resume state.
+    """
+    ctx = ctx or DistContext()
     torch.manual_seed(params.seed)
     model = trainable_model(split, head)
+    train_model: nn.Module = model
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model)
     labels = torch.from_numpy(source.train_labels)
     weight = (torch.from_numpy(class_weights(source.train_labels, num_classes))
               if params.class_weighting == "balanced" else None)
@@ -256,14 +293,17 @@ def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_class
         set_bn_modes(split, params.train_bn)
         head.train()
         order = torch.randperm(len(labels), generator=generator)
-        train_loss = train_epoch(model, source, epoch, order, labels, optimizer, scheduler,
-                                 params.batch_size, weight, params.label_smoothing)
+        train_loss = train_epoch(train_model, source, epoch, order, labels, optimizer,
+                                 scheduler, params.batch_size, weight, params.label_smoothing,
+                                 ctx)
         val_loss, val_acc, _, _ = evaluate(model, source, "val", params.batch_size)
         seconds.append(time.perf_counter() - t0)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"]})
-        print(f"finetune: epoch {epoch}/{params.epochs} train loss {train_loss:.4f} val loss "
-              f"{val_loss:.4f} val accuracy {val_acc:.4f} ({seconds[-1]:.1f} s)", flush=True)
+        if ctx.is_main:
+            print(f"finetune: epoch {epoch}/{params.epochs} train loss {train_loss:.4f} val "
+                  f"loss {val_loss:.4f} val accuracy {val_acc:.4f} ({seconds[-1]:.1f} s)",
+                  flush=True)
         if (val_acc, -val_loss) > best:
             best, best_epoch, best_state = (val_acc, -val_loss), epoch, snapshot()
         # early stopping compares fine-tuning epochs among themselves: the usual first-epoch
@@ -272,7 +312,7 @@ def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_class
             best_ft_loss, stale = val_loss, 0
         else:
             stale += 1
-        if resume_path is not None:
+        if resume_path is not None and ctx.is_main:
             state = {"key": resume_key, "epoch": epoch, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
@@ -281,6 +321,7 @@ def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_class
                      "seconds": seconds}
             with atomic_file(resume_path) as tmp:
                 torch.save(state, tmp)
+        ctx.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     model.load_state_dict(best_state)
@@ -337,8 +378,13 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
         cut_cache_dir: str | Path, head_model: str | Path, head_config: str | Path,
         model_path: str | Path, config_path: str | Path, metrics_path: str | Path,
         plots_dir: str | Path, timing_path: str | Path | None = None,
-        on_epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Fine-tune (or, when disabled, pass the head-only model through); write all outputs."""
+        on_epoch_end: Callable[[int], None] | None = None,
+        backend: str = "auto") -> dict[str, Any]:
+    """Fine-tune (or, when disabled, pass the head-only model through); write all outputs.
+
+    Runs as one process or under torchrun (DDP, gloo on CPUs); rank 0 writes the outputs.
+    """
+    ctx = context("cpu", backend)
     threads = resolve_threads(params.threads)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
@@ -378,7 +424,7 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
             "cache": CutCache(cut_cache_dir).meta if cut_used else None,
         }, sort_keys=True, default=str).encode()).hexdigest()
         result = fit(split, head, source, params, len(classes), _resume_path(model_path),
-                     resume_key, on_epoch_end)
+                     resume_key, on_epoch_end, ctx)
     else:
         result = FitResult([], 0, [], 0)
     model.eval()
@@ -396,6 +442,10 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
         "trainable_parameters": trainable,
         "head_only_val_accuracy": result.history[0]["val_accuracy"] if result.history else None,
     }
+    if not ctx.is_main:
+        ctx.barrier()
+        ctx.close()
+        return metrics
     config = {
         "format": MODEL_FORMAT,
         "classes": classes,
@@ -420,11 +470,14 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
     if timing_path is not None:
         write_json(timing_path, {
             "mode": metrics["mode"], "threads": threads, "epochs_run": metrics["epochs_run"],
-            "resumed_from_epoch": result.resumed_from,
+            "resumed_from_epoch": result.resumed_from, "world_size": ctx.world_size,
             "seconds_per_epoch": [round(s, 3) for s in result.seconds_per_epoch],
             "seconds_total": round(time.perf_counter() - started, 3)})
     _resume_path(model_path).unlink(missing_ok=True)
-    print(f"finetune: {metrics['mode']}, {split.blocks}/{split.num_groups} block groups, "
+    ctx.barrier()
+    ctx.close()
+    where = f" on {ctx.world_size} processes" if ctx.active else ""
+    print(f"finetune: {metrics['mode']}{where}, {split.blocks}/{split.num_groups} block groups, "
           f"{trainable:,} trainable parameters; best epoch {result.best_epoch}; val accuracy "
           f"{metrics['val']['accuracy']:.4f}, test accuracy {metrics['test']['accuracy']:.4f}, "
           f"test macro F1 {metrics['test']['macro_f1']:.4f}")

@@ -48,16 +48,37 @@ def _forward_arg_names(model: Any) -> list[str]:
     return params or ["x"]
 
 
-def session_options(threads: int) -> Any:
+GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
+
+
+def session_options(threads: int, graph_optimization: str = "all") -> Any:
     import onnxruntime as ort
 
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     options = ort.SessionOptions()
     options.intra_op_num_threads = resolve_threads(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = levels[graph_optimization]
     options.log_severity_level = 3
     return options
+
+
+def preload_gpu_libraries() -> None:
+    """Load the CUDA/cuDNN libraries that pip's nvidia-* wheels (PyTorch's) ship, so that
+    onnxruntime-gpu's CUDA and TensorRT providers find them without LD_LIBRARY_PATH."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is None:
+        return
+    try:
+        preload(directory="")
+    except Exception:  # missing wheels: the provider then reports its own error
+        pass
 
 
 def ort_session(path: str | Path, threads: int = 0, device: str = "cpu") -> Any:
@@ -70,6 +91,7 @@ def ort_session(path: str | Path, threads: int = 0, device: str = "cpu") -> Any:
             raise PipelineError("features.device is cuda but onnxruntime has no "
                                 "CUDAExecutionProvider here; set features.device: cpu")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        preload_gpu_libraries()
     session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise PipelineError("onnxruntime fell back to CPU although features.device is cuda "

@@ -151,13 +151,15 @@ class OnnxClassifier:
                  threads: int = 0) -> None:
         import onnxruntime as ort
 
-        from .onnx_utils import session_options
+        from .onnx_utils import preload_gpu_libraries, session_options
 
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: model file not found")
         check_external_data(self.path)
         chosen = resolve_providers(providers)
+        if chosen[0] != "CPUExecutionProvider":
+            preload_gpu_libraries()
         options = []
         for name in chosen:
             if name == "TensorrtExecutionProvider":

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.backbones import BackboneParams
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = {"name": "timm:test_efficientnet", "weights": "none"}
 
@@ -64,3 +66,35 @@ def copy_project(dest: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__"))
     (dest / "data" / "images").mkdir(parents=True)
     shutil.copy(REPO / "data" / "images" / "README.md", dest / "data" / "images" / "README.md")
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """A tiny fine-tuned model (random-init test backbone) exported with both variants."""
+    from pipeline.export import ExportParams
+    from pipeline.export import run as export
+    from pipeline.features import FeaturesParams
+    from pipeline.features import run as extract_features
+    from pipeline.finetune import run as finetune
+    from pipeline.finetune_data import FinetuneParams
+    from pipeline.prepare import PrepareParams
+    from pipeline.prepare import run as prepare
+    from pipeline.train_head import TrainHeadParams
+    from pipeline.train_head import run as train_head
+
+    root = tmp_path_factory.mktemp("export")
+    backbone = BackboneParams(**TINY_BACKBONE)
+    prepare(PrepareParams(source="sklearn-digits", max_images_per_class=6, val_fraction=0.2,
+                          test_fraction=0.2), root / "prepared")
+    extract_features(backbone, FeaturesParams(batch_size=16, threads=2), root / "prepared",
+                     root / "features")
+    train_head(TrainHeadParams(epochs=10, threads=2), root / "features",
+               root / "head.safetensors", root / "head.json", root / "hm.json", root / "hp")
+    finetune(backbone, FinetuneParams(blocks=1, epochs=1, warmup_epochs=0, mode="classic",
+                                      threads=2, batch_size=8),
+             root / "prepared", root / "none", root / "head.safetensors", root / "head.json",
+             root / "model.safetensors", root / "model.json", root / "fm.json", root / "fp")
+    report = export(ExportParams(threads=2, calibration_images=16), root / "model.safetensors",
+                    root / "model.json", root / "prepared", root / "out" / "model.onnx",
+                    root / "out" / "variants", root / "export.json")
+    return root, report

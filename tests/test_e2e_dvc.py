@@ -36,6 +36,21 @@ finetune:  # dvc.yaml tracks the cut_cache keys one by one: they must all be pre
   warmup_epochs: 1
   batch_size: 16
   threads: 2
+export:
+  variants: [int8]
+  calibration_images: 16
+  # a 2-epoch model on 120 images has small margins: INT8 flips more of its 40 test images
+  # than the 1-point limit that the full default data meets (metrics/export.json)
+  int8_max_accuracy_drop: 0.3
+  threads: 2
+bench:
+  providers: [cpu, cuda]
+  variants: [fp32, int8]
+  batch_sizes: [1, 4]
+  iterations: 5
+  time_budget_s: 0.5
+  warmup: 1
+  threads: 2
 """
 
 
@@ -63,6 +78,18 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     assert finetuned["mode"] == "cut" and finetuned["blocks"] == 1
     assert finetuned["val"]["accuracy"] >= finetuned["head_only_val_accuracy"]
     model_bytes = (tmp_path / "models" / "model.safetensors").read_bytes()
+    exported = json.loads((tmp_path / "metrics" / "export.json").read_text())
+    assert exported["variants"]["fp32"]["passed"] and exported["variants"]["int8"]["passed"]
+    assert (tmp_path / "models" / "model.onnx").is_file()
+    assert (tmp_path / "models" / "variants" / "model.int8.onnx").is_file()
+    bench = json.loads((tmp_path / "reports" / "bench.json").read_text())
+    by_status = {(r["engine"], r["provider"], r["variant"], r["batch_size"]): r["status"]
+                 for r in bench["rows"]}
+    assert by_status[("onnxruntime", "cpu", "fp32", 4)] == "ok"
+    assert by_status[("onnxruntime", "cpu", "int8", 1)] == "ok"
+    assert by_status[("pytorch", "cpu", "fp32 eager", 1)] == "ok"
+    assert (tmp_path / "reports" / "bench.png").is_file()
+    assert "| onnxruntime | cpu | fp32 | 4 | ok |" in (tmp_path / "reports" / "bench.md").read_text()
     assert "Test confusion matrix" in (tmp_path / "dvc.yaml").read_text()
 
     second = sh(["dvc", "repro"], tmp_path, cli_env)

@@ -18,45 +18,16 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.backbones import BackboneParams
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.export import ExportParams, run
-from pipeline.features import FeaturesParams
-from pipeline.features import run as extract_features
 from pipeline.finetune import load_model
-from pipeline.finetune import run as finetune
-from pipeline.finetune_data import FinetuneParams, view_pixels
-from pipeline.prepare import PrepareParams, image_root, read_prepared
-from pipeline.prepare import run as prepare
+from pipeline.finetune_data import view_pixels
+from pipeline.prepare import image_root, read_prepared
 from pipeline.preprocess import Preprocessing, resize_and_crop
 from pipeline.runner import ModelError, OnnxClassifier
-from pipeline.train_head import TrainHeadParams
-from pipeline.train_head import run as train_head
 
-from .conftest import REPO, TINY_BACKBONE, make_image
-
-TINY = BackboneParams(**TINY_BACKBONE)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny fine-tuned model exported with both variants."""
-    root = tmp_path_factory.mktemp("export")
-    prepare(PrepareParams(source="sklearn-digits", max_images_per_class=6, val_fraction=0.2,
-                          test_fraction=0.2), root / "prepared")
-    extract_features(TINY, FeaturesParams(batch_size=16, threads=2), root / "prepared",
-                     root / "features")
-    train_head(TrainHeadParams(epochs=10, threads=2), root / "features",
-               root / "head.safetensors", root / "head.json", root / "hm.json", root / "hp")
-    finetune(TINY, FinetuneParams(blocks=1, epochs=1, warmup_epochs=0, mode="classic",
-                                  threads=2, batch_size=8), root / "prepared", root / "none",
-             root / "head.safetensors", root / "head.json", root / "model.safetensors",
-             root / "model.json", root / "fm.json", root / "fp")
-    report = run(ExportParams(threads=2, calibration_images=16), root / "model.safetensors",
-                 root / "model.json", root / "prepared", root / "out" / "model.onnx",
-                 root / "out" / "variants", root / "export.json")
-    return root, report
+from .conftest import REPO, make_image
 
 
 def test_export_checks_pass_and_are_recorded(exported):
