@@ -19,6 +19,18 @@ PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", s
                              type=click.Path(dir_okay=False),
                              help="params file whose sections configure the stage")
 
+PREPARED_OPTION = click.option("--prepared", default="data/prepared", show_default=True,
+                               type=click.Path(), help="output folder of `pipeline prepare`")
+CUT_CACHE_OPTION = click.option("--cut-cache", "cut_cache_dir", default="data/cut_cache",
+                                show_default=True, type=click.Path(),
+                                help="folder written by `pipeline cut-cache`")
+HEAD_OPTION = click.option("--head", "head_model", default="models/head.safetensors",
+                           show_default=True, type=click.Path(dir_okay=False),
+                           help="head weights from `pipeline train-head`")
+HEAD_CONFIG_OPTION = click.option("--head-config", default="models/head.json",
+                                  show_default=True, type=click.Path(dir_okay=False),
+                                  help="head config from `pipeline train-head`")
+
 
 def is_main_process() -> bool:
     """False on the ranks > 0 of a torchrun launch (they stay quiet)."""
@@ -73,8 +85,7 @@ def prepare(params_path: str, out: str) -> None:
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(),
-              help="output folder of `pipeline prepare`")
+@PREPARED_OPTION
 @click.option("--out", default="data/features", show_default=True, type=click.Path(),
               help="feature cache folder to write")
 @click.option("--metrics", default="metrics/features.json", show_default=True,
@@ -126,8 +137,7 @@ def train_head(params_path: str, features_dir: str, model: str, config: str, met
 
 @main.command("cut-cache")
 @PARAMS_OPTION
-@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(),
-              help="output folder of `pipeline prepare`")
+@PREPARED_OPTION
 @click.option("--out", default="data/cut_cache", show_default=True, type=click.Path(),
               help="cut cache folder to write")
 @friendly_errors
@@ -151,13 +161,10 @@ def cut_cache(params_path: str, prepared: str, out: str) -> None:
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
-@click.option("--cut-cache", "cut_cache_dir", default="data/cut_cache", show_default=True,
-              type=click.Path(), help="folder written by `pipeline cut-cache`")
-@click.option("--head", "head_model", default="models/head.safetensors", show_default=True,
-              type=click.Path(dir_okay=False), help="head weights from `pipeline train-head`")
-@click.option("--head-config", default="models/head.json", show_default=True,
-              type=click.Path(dir_okay=False))
+@PREPARED_OPTION
+@CUT_CACHE_OPTION
+@HEAD_OPTION
+@HEAD_CONFIG_OPTION
 @click.option("--model", default="models/model.safetensors", show_default=True,
               type=click.Path(dir_okay=False), help="backbone + head weights to write")
 @click.option("--config", default="models/model.json", show_default=True,
@@ -291,7 +298,7 @@ def bench(params_path: str, model: str, variants_dir: str, weights: str, config:
 
 @main.command("bench-features")
 @PARAMS_OPTION
-@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
+@PREPARED_OPTION
 @click.option("--images", default=128, show_default=True, type=click.IntRange(1),
               help="number of prepared images to time")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
@@ -324,7 +331,7 @@ def bench_features(params_path: str, prepared: str, images: int, batch_size: int
 
 @main.command("bench-finetune")
 @PARAMS_OPTION
-@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
+@PREPARED_OPTION
 @click.option("--images", default=256, show_default=True, type=click.IntRange(1),
               help="training images to time (the first of the train split)")
 @click.option("--val-images", default=10**9, type=click.IntRange(0),
@@ -366,13 +373,11 @@ def _csv_list(kind: type) -> Callable[[Any, Any, str], list[Any]]:
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
+@PREPARED_OPTION
 @click.option("--features", "features_dir", default="data/features", show_default=True,
               type=click.Path())
-@click.option("--head", "head_model", default="models/head.safetensors", show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--head-config", default="models/head.json", show_default=True,
-              type=click.Path(dir_okay=False))
+@HEAD_OPTION
+@HEAD_CONFIG_OPTION
 @click.option("--blocks", default="0,1,2,3", show_default=True, callback=_csv_list(int),
               help="block groups to unfreeze, comma-separated ('all' allowed)")
 @click.option("--fractions", default="0.1,0.25,0.5,1", show_default=True,
@@ -406,13 +411,10 @@ def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, h
 
 @main.command("bench-scaling")
 @PARAMS_OPTION
-@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path())
-@click.option("--cut-cache", "cut_cache_dir", default="data/cut_cache", show_default=True,
-              type=click.Path())
-@click.option("--head", "head_model", default="models/head.safetensors", show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--head-config", default="models/head.json", show_default=True,
-              type=click.Path(dir_okay=False))
+@PREPARED_OPTION
+@CUT_CACHE_OPTION
+@HEAD_OPTION
+@HEAD_CONFIG_OPTION
 @click.option("--procs", default="1,2", show_default=True, callback=_csv_list(int),
               help="process counts to compare (torchrun --nproc-per-node)")
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))

