@@ -54,7 +54,8 @@ def run(params_path: str | Path, prepared: str | Path, cut_cache: str | Path,
         for n in procs:
             params = json.loads(json.dumps(base))
             params.setdefault("launcher", {})["nproc_per_node"] = n
-            params.setdefault("finetune", {}).update({"epochs": epochs, "patience": 0})
+            params.setdefault("finetune", {}).update({"epochs": epochs, "patience": 0,
+                                                   "warmup_epochs": 0})
             run_dir = work / f"p{n}"
             run_dir.mkdir()
             (run_dir / "params.yaml").write_text(yaml.safe_dump(params))

@@ -17,6 +17,8 @@ prepare:
 backbone:
   name: efficientnet_lite0
   weights: default
+launcher:
+  nproc_per_node: 1
 features:
   batch_size: 16
   threads: 2
