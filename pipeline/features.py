@@ -29,10 +29,10 @@ from tqdm import tqdm
 from .atomic import atomic_dir, write_json
 from .backbones import Backbone, BackboneParams, build_backbone
 from .errors import PipelineError
-from .imageio import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
+from .imageio import DEFAULT_MAX_PIXELS
 from .params import as_dict, param
 from .prepare import SPLITS, image_root, read_prepared
-from .preprocess import Preprocessing, preprocess
+from .preprocess import Preprocessing
 from .runtime import resolve_threads
 
 FEATURES_FORMAT = 1
@@ -53,22 +53,10 @@ class FeaturesParams:
 def iter_batches(paths: list[Path], pp: Preprocessing, batch_size: int, workers: int,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[np.ndarray]:
     """Yield float32 NCHW batches in order; decoding may run in worker processes."""
-    from torch.utils.data import DataLoader, Dataset
+    from .finetune_data import image_batches, sequential_batches
 
-    class _Images(Dataset):  # type: ignore[type-arg]
-        def __len__(self) -> int:
-            return len(paths)
-
-        def __getitem__(self, index: int) -> np.ndarray:
-            try:
-                return preprocess(load_rgb(paths[index], max_pixels=max_pixels), pp)
-            except ImageRejected as exc:
-                raise PipelineError(f"{paths[index]}: {exc} (the image changed after prepare; "
-                                    "re-run prepare)") from None
-
-    loader = DataLoader(_Images(), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=lambda items: np.stack(items))
-    yield from loader
+    yield from image_batches(paths, pp, sequential_batches(len(paths), batch_size), workers,
+                             max_pixels=max_pixels)
 
 
 def make_extractor(backbone: Backbone, params: FeaturesParams,

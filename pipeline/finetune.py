@@ -418,8 +418,10 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
     root = image_root(prepared_dir, summary)
     max_pixels = summary["params"]["max_image_pixels"]
     cut_used = params.enabled and uses_cache(params, split)
+    cache_meta = None
     if cut_used:
         cache = CutCache(cut_cache_dir)
+        cache_meta = cache.meta
         cache.check_matches(backbone, split, params, summary["manifest_sha256"])
         source: Any = CutSource(cache)
     else:
@@ -434,7 +436,7 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
         resume_key = hashlib.sha256(json.dumps({
             "params": as_dict(params), "threads": threads, "backbone": backbone.describe(),
             "manifest": summary["manifest_sha256"], "head": _sha256(Path(head_model)),
-            "cache": CutCache(cut_cache_dir).meta if cut_used else None,
+            "cache": cache_meta,
         }, sort_keys=True, default=str).encode()).hexdigest()
         result = fit(split, head, source, params, len(classes), _resume_path(model_path),
                      resume_key, on_epoch_end, ctx)
