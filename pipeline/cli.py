@@ -385,11 +385,13 @@ def _csv_list(kind: type) -> Callable[[Any, Any, str], list[Any]]:
 @click.option("--scratch-fractions", default="0.1,0.25,0.5,1", show_default=True,
               callback=_csv_list(float),
               help="fractions for the from-scratch baseline (slow on CPU; '' skips it)")
+@click.option("--scratch-lr", default=1e-3, show_default=True, type=click.FloatRange(min=0,
+              min_open=True), help="LR of the from-scratch baseline (all layers)")
 @click.option("--out", default="reports/sweep", show_default=True, type=click.Path())
 @friendly_errors
 def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, head_config: str,
           blocks: list[Any], fractions: list[float], scratch_fractions: list[float],
-          out: str) -> None:
+          scratch_lr: float, out: str) -> None:
     """Measure which strategy to use: blocks sweep, from-scratch baseline, learning curve."""
     from .backbones import BackboneParams
     from .features import FeaturesParams
@@ -406,7 +408,7 @@ def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, h
                       read_section(params_path, TrainHeadParams, "train_head"),
                       read_section(params_path, FinetuneParams, "finetune"))
     run(cfg, prepared, features_dir, head_model, head_config, out, blocks, fractions,
-        scratch_fractions)
+        scratch_fractions, scratch_lr)
 
 
 @main.command("bench-scaling")

@@ -250,8 +250,12 @@ def _resume_path(model_path: Path) -> Path:
 def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_classes: int,
         resume_path: Path | None = None, resume_key: str = "",
         on_epoch_end: Callable[[int], None] | None = None,
-        ctx: DistContext | None = None) -> FitResult:
+        ctx: DistContext | None = None, warm_start_candidate: bool = True) -> FitResult:
     """Fine-tune suffix + head in place (the best epoch's weights are loaded at the end).
+
+    The warm start (epoch 0) is evaluated and, when ``warm_start_candidate``, kept if no
+    fine-tuning epoch beats it on val; the from-scratch baseline turns that off, so that it
+    reports the trained network and not the head on random features.
 
     Under torchrun (``ctx.active``) the trainable part runs in DistributedDataParallel; every
     rank evaluates the whole val split with the same synchronised weights, so all ranks take
@@ -281,7 +285,7 @@ def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_class
     val_loss, val_acc, _, _ = evaluate(model, source, "val", params.batch_size)
     history = [{"epoch": 0, "train_loss": math.nan, "val_loss": val_loss,
                 "val_accuracy": val_acc, "lr": 0.0}]
-    best = (val_acc, -val_loss)
+    best = (val_acc, -val_loss) if warm_start_candidate else (-math.inf, -math.inf)
     best_epoch, best_state = 0, snapshot()
     best_ft_loss, stale, start, seconds = math.inf, 0, 1, []
     resumed_from = 0
@@ -392,8 +396,11 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
         model_path: str | Path, config_path: str | Path, metrics_path: str | Path,
         plots_dir: str | Path, timing_path: str | Path | None = None,
         on_epoch_end: Callable[[int], None] | None = None,
-        backend: str = "auto") -> dict[str, Any]:
+        backend: str = "auto", warm_start_candidate: bool = True) -> dict[str, Any]:
     """Fine-tune (or, when disabled, pass the head-only model through); write all outputs.
+
+    ``warm_start_candidate=False`` (the sweep's from-scratch baseline) keeps the best
+    *trained* epoch even when the warm start scored higher on val.
 
     Runs as one process or under torchrun (DDP, gloo on CPUs); rank 0 writes the outputs.
     """
@@ -436,10 +443,10 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
         resume_key = hashlib.sha256(json.dumps({
             "params": as_dict(params), "threads": threads, "backbone": backbone.describe(),
             "manifest": summary["manifest_sha256"], "head": _sha256(Path(head_model)),
-            "cache": cache_meta,
+            "cache": cache_meta, "warm_start_candidate": warm_start_candidate,
         }, sort_keys=True, default=str).encode()).hexdigest()
         result = fit(split, head, source, params, len(classes), _resume_path(model_path),
-                     resume_key, on_epoch_end, ctx)
+                     resume_key, on_epoch_end, ctx, warm_start_candidate)
     else:
         result = FitResult([], 0, [], 0)
     model.eval()

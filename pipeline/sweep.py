@@ -7,13 +7,16 @@ many layers to freeze). This command measures them on *your* data with the real 
 1. **blocks**: for each number of unfrozen block groups, test/val accuracy, trainable
    parameters, training time and cut-cache time.
 2. **from scratch**: the same architecture with random weights, every block trained (BatchNorm
-   in training mode, classic path), the same epochs and augmentation: what transfer buys you.
+   in training mode, classic path, one LR for all, ``--scratch-lr``), the same epochs,
+   schedule, early stopping and augmentation: what transfer buys you. It reports the best
+   *trained* epoch on val (never the untrained warm start); the linear head on the random
+   network's features is reported beside it as ``random_features_head``.
 3. **learning curve**: head only, fine-tuned (``finetune.blocks`` from params) and from scratch
    on seeded, stratified fractions of the training split (val and test unchanged).
 
 Writes ``sweep.json``, ``sweep.md`` (tables) and ``sweep.png`` (plots) into ``--out``.
 
-Run: ``pipeline sweep --blocks 0,1,2,3 --fractions 0.1,0.25,0.5,1 --scratch-fractions 0.1``
+Run: ``pipeline sweep --blocks 0,1,2,3 --fractions 0.1,0.25,0.5,1 --scratch-fractions 0.1,0.25,0.5,1``
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def subset_prepared(prepared_dir: Path, fraction: float, seed: int, out: Path) -
 
 
 def run_chain(cfg: SweepConfig, prepared: Path, work: Path, features_dir: Path | None = None,
-              head: tuple[Path, Path] | None = None) -> dict[str, Any]:
+              head: tuple[Path, Path] | None = None,
+              warm_start_candidate: bool = True) -> dict[str, Any]:
     """features -> train_head -> cut_cache -> finetune in ``work``; reuse given parts."""
     work.mkdir(parents=True, exist_ok=True)
     if head is None:
@@ -93,7 +97,8 @@ def run_chain(cfg: SweepConfig, prepared: Path, work: Path, features_dir: Path |
     cache_s = time.perf_counter() - t0
     metrics = finetune(cfg.backbone, cfg.finetune, prepared, work / "cut_cache", head[0],
                        head[1], work / "model.safetensors", work / "model.json",
-                       work / "metrics.json", work / "plots", work / "timing.json")
+                       work / "metrics.json", work / "plots", work / "timing.json",
+                       warm_start_candidate=warm_start_candidate)
     timing = json.loads((work / "timing.json").read_text())
     return {
         "test_accuracy": metrics["test"]["accuracy"],
@@ -108,22 +113,29 @@ def run_chain(cfg: SweepConfig, prepared: Path, work: Path, features_dir: Path |
     }
 
 
-def scratch_config(cfg: SweepConfig) -> SweepConfig:
-    """Same architecture, random init, every block trained with BN in training mode."""
+SCRATCH_LR = 1e-3  # AdamW's usual LR for training a network from random init
+
+
+def scratch_config(cfg: SweepConfig, lr: float = SCRATCH_LR) -> SweepConfig:
+    """Same architecture, random init, every block trained with BN in training mode, one LR.
+
+    Fine-tuning LRs are kept low to protect pretrained weights; random weights have nothing
+    to protect, so the baseline gets a from-scratch LR (same epochs and schedule)."""
     return dataclasses.replace(
         cfg, backbone=dataclasses.replace(cfg.backbone, weights="none"),
         finetune=dataclasses.replace(cfg.finetune, blocks="all", mode="classic", train_bn=True,
-                                     lr_backbone=cfg.finetune.lr_head, enabled=True))
+                                     lr_backbone=lr, lr_head=lr, enabled=True))
 
 
 def run(cfg: SweepConfig, prepared_dir: str | Path, features_dir: str | Path,
         head_model: str | Path, head_config: str | Path, out_dir: str | Path,
         blocks: Sequence[int | str], fractions: Sequence[float],
-        scratch_fractions: Sequence[float]) -> dict[str, Any]:
+        scratch_fractions: Sequence[float], scratch_lr: float = SCRATCH_LR) -> dict[str, Any]:
     prepared_dir = Path(prepared_dir)
     out_dir = Path(out_dir)
     report: dict[str, Any] = {"backbone": cfg.backbone.name, "finetune_params":
-                              dataclasses.asdict(cfg.finetune), "blocks": [], "curve": []}
+                              dataclasses.asdict(cfg.finetune), "scratch_lr": scratch_lr,
+                              "blocks": [], "curve": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for b in blocks:
@@ -132,6 +144,8 @@ def run(cfg: SweepConfig, prepared_dir: str | Path, features_dir: str | Path,
             row = run_chain(c, prepared_dir, work / f"blocks_{b}",
                             head=(Path(head_model), Path(head_config)))
             report["blocks"].append({"blocks": b, **row})
+        if report["blocks"]:
+            report["recommended_blocks"] = recommend(report["blocks"])
         for f in sorted(set(fractions) | set(scratch_fractions)):
             prepared = (prepared_dir if f >= 1.0 else
                         subset_prepared(prepared_dir, f, cfg.finetune.seed, work / f"prep_{f}"))
@@ -145,8 +159,12 @@ def run(cfg: SweepConfig, prepared_dir: str | Path, features_dir: str | Path,
                 entry["finetuned"] = row["test_accuracy"]
             if f in scratch_fractions:
                 print(f"sweep: fraction {f} (from scratch)", flush=True)
-                row = run_chain(scratch_config(cfg), prepared, work / f"scratch_{f}")
+                row = run_chain(scratch_config(cfg, scratch_lr), prepared, work / f"scratch_{f}",
+                                warm_start_candidate=False)
                 entry["scratch"] = row["test_accuracy"]
+                entry["scratch_val"] = row["val_accuracy"]
+                entry["scratch_best_epoch"] = row["best_epoch"]
+                entry["random_features_head"] = row["head_only_test_accuracy"]
                 entry["scratch_train_seconds"] = row["train_seconds"]
             report["curve"].append(entry)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +176,14 @@ def run(cfg: SweepConfig, prepared_dir: str | Path, features_dir: str | Path,
     return report
 
 
+def recommend(rows: list[dict[str, Any]]) -> int | str:
+    """The block count to use: best val accuracy, then fewest trainable parameters.
+
+    Chosen on val only; test accuracy is reported, never used to choose."""
+    best = max(rows, key=lambda r: (r["val_accuracy"], -r["trainable_parameters"]))
+    return best["blocks"]
+
+
 def _fmt(value: Any) -> str:
     return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -167,15 +193,17 @@ def markdown(report: dict[str, Any]) -> str:
              "| block groups trained | trainable parameters | test accuracy | val accuracy | "
              "train s | cut cache s |", "|---|---|---|---|---|---|"]
     for r in report["blocks"]:
-        lines.append(f"| {r['blocks']} | {r['trainable_parameters']:,} | "
+        mark = " (best on val)" if r["blocks"] == report.get("recommended_blocks") else ""
+        lines.append(f"| {r['blocks']}{mark} | {r['trainable_parameters']:,} | "
                      f"{_fmt(r['test_accuracy'])} | {_fmt(r['val_accuracy'])} | "
                      f"{r['train_seconds']:.1f} | {r['cut_cache_seconds']:.1f} |")
     lines += ["", "Learning curve (test accuracy):", "",
-              "| train fraction | train images | head only | fine-tuned | from scratch |",
-              "|---|---|---|---|---|"]
+              "| train fraction | train images | head only | fine-tuned | from scratch | "
+              "random features + head |", "|---|---|---|---|---|---|"]
     for e in report["curve"]:
         lines.append(f"| {e['fraction']:g} | {e['train_images']} | {_fmt(e.get('head_only'))} "
-                     f"| {_fmt(e.get('finetuned'))} | {_fmt(e.get('scratch'))} |")
+                     f"| {_fmt(e.get('finetuned'))} | {_fmt(e.get('scratch'))} "
+                     f"| {_fmt(e.get('random_features_head'))} |")
     return "\n".join(lines) + "\n"
 
 

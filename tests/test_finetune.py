@@ -209,6 +209,20 @@ def test_warm_start_is_the_head_and_outputs_are_complete(project, tmp_path):
     assert accuracy == pytest.approx(metrics["test"]["accuracy"])
 
 
+def test_warm_start_is_kept_only_as_a_candidate_when_asked(project, tmp_path):
+    # a destructive LR: every trained epoch is worse than the warm start on val
+    wreck = dataclasses.replace(FAST, lr_backbone=50.0, lr_head=50.0, warmup_epochs=0,
+                                epochs=2, patience=0)
+    kept = finetune(project, wreck, tmp_path / "kept")
+    assert kept["best_epoch"] == 0
+    assert kept["val"]["accuracy"] == pytest.approx(kept["head_only_val_accuracy"])
+    # the from-scratch baseline reports the trained network, never the untrained start
+    trained = finetune(project, wreck, tmp_path / "trained", warm_start_candidate=False)
+    assert trained["best_epoch"] in (1, 2)
+    assert trained["head_only_val_accuracy"] == kept["head_only_val_accuracy"]
+    assert trained["val"]["accuracy"] < kept["val"]["accuracy"]
+
+
 def test_disabled_writes_the_head_only_model(project, tmp_path):
     params = dataclasses.replace(FAST, enabled=False)
     metrics = finetune(project, params, tmp_path, cache=tmp_path / "unused")
@@ -295,11 +309,26 @@ def test_sweep_and_bench_write_their_reports(project, tmp_path):
     half, full = report["curve"]
     assert half["train_images"] == 20 and full["train_images"] == 40  # 4 per class x 10
     assert {"head_only", "finetuned", "scratch"} <= set(half) and "scratch" not in full
+    assert half["scratch_best_epoch"] >= 1 and report["scratch_lr"] == sweep.SCRATCH_LR
+    assert 0 <= half["random_features_head"] <= 1
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| 1 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| 1" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert report["recommended_blocks"] == sweep.recommend(report["blocks"])
 
     bench = bench_finetune.run(TINY, FAST, project / "prepared", tmp_path / "bench.json",
                                images=16, epochs=1)
     assert bench["classic"]["epoch_s"] > 0 and bench["cut"]["epoch_s"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["speedup_epoch"] == \
         bench["speedup_epoch"]
+
+
+def test_sweep_recommends_by_val_then_fewer_parameters():
+    from pipeline.sweep import recommend
+
+    rows = [{"blocks": 0, "val_accuracy": 0.90, "test_accuracy": 0.99, "trainable_parameters": 10},
+            {"blocks": 1, "val_accuracy": 0.95, "test_accuracy": 0.90, "trainable_parameters": 20},
+            {"blocks": 2, "val_accuracy": 0.95, "test_accuracy": 0.97, "trainable_parameters": 30}]
+    assert recommend(rows) == 1  # test accuracy never chooses; ties go to fewer parameters
+    rows[2]["val_accuracy"] = 0.96
+    assert recommend(rows) == 2
+
