@@ -16,7 +16,10 @@ plus the PyTorch eager model on each device as the baseline, one row with:
   under a GPU name. A provider this machine lacks gets ``status: unavailable`` with the reason.
 
 CPU threads follow the CPUs this process may use (affinity and cgroup quota); CUDA runs with
-IO binding (inputs and outputs on the device) and ``bench.cudnn_conv_algo_search``; TensorRT
+IO binding (inputs and outputs on the device) and ``bench.cudnn_conv_algo_search``. On CUDA,
+onnxruntime and PyTorch both run FP32 convolutions as TF32 by default; ``bench.cuda_tf32``
+(default true, the libraries' default) sets both, and each CUDA row records it in ``tf32``, so
+"fp32" on a GPU says which math it was. TensorRT
 uses an engine cache folder and min/opt/max profile shapes covering the batch list, with
 ``bench.trt_fp16``.
 
@@ -49,7 +52,7 @@ from .errors import PipelineError
 from .imageio import load_rgb
 from .params import as_dict, param
 from .prepare import image_root, read_prepared
-from .runtime import available_cpus, resolve_threads
+from .runtime import available_cpus, cuda_tf32, resolve_threads
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
 ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -73,6 +76,7 @@ class BenchParams:
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
     io_binding: bool = True
+    cuda_tf32: bool = True
     trt_fp16: bool = True
     trt_cache_dir: str = "reports/trt_cache"
 
@@ -145,7 +149,7 @@ def provider_options(provider: str, params: BenchParams, input_shape: tuple[int,
                      cache_dir: Path) -> dict[str, Any]:
     if provider == "cuda":
         return {"cudnn_conv_algo_search": params.cudnn_conv_algo_search,
-                "device_id": 0}
+                "use_tf32": str(int(params.cuda_tf32)), "device_id": 0}
     if provider == "tensorrt":
         dims = "x".join(str(d) for d in input_shape[1:])
         low, high = min(params.batch_sizes), max(params.batch_sizes)
@@ -257,7 +261,8 @@ def ort_rows(path: Path, variant: str, provider: str, params: BenchParams, pixel
              labels: np.ndarray, base: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     head = {**base, "engine": "onnxruntime", "provider": provider, "variant": variant,
-            "trt_fp16": params.trt_fp16 if provider == "tensorrt" else None}
+            "trt_fp16": params.trt_fp16 if provider == "tensorrt" else None,
+            "tf32": params.cuda_tf32 if provider == "cuda" else None}
     reason = unavailable_reason(provider)
     if reason is None:
         _rss_reset()
@@ -300,7 +305,7 @@ def torch_rows(model_path: Path, config_path: Path, device: str, params: BenchPa
     import torch
 
     head = {**base, "engine": "pytorch", "provider": device, "variant": "fp32 eager",
-            "trt_fp16": None}
+            "trt_fp16": None, "tf32": params.cuda_tf32 if device == "cuda" else None}
     if device == "cuda" and not torch.cuda.is_available():
         return [{**head, "batch_size": b, "status": "unavailable", "provider_used": None,
                  "reason": "torch sees no CUDA device"} for b in params.batch_sizes]
@@ -316,7 +321,7 @@ def torch_rows(model_path: Path, config_path: Path, device: str, params: BenchPa
     created_s = time.perf_counter() - t0
 
     def predict(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), cuda_tf32(params.cuda_tf32):
             return model(torch.from_numpy(x).to(device))[0].cpu().numpy()
 
     accuracy = _accuracy(predict, pixels, labels, max(params.batch_sizes))
@@ -326,7 +331,7 @@ def torch_rows(model_path: Path, config_path: Path, device: str, params: BenchPa
         batch = torch.from_numpy(np.ascontiguousarray(_tile(pixels, b))).to(device)
 
         def run() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), cuda_tf32(params.cuda_tf32):
                 model(batch)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -421,7 +426,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['engine']} | {r['provider']} | {r['variant']} | "
                          f"{r['batch_size']} | {r['status']}: {r['reason']} | | | | | | | | | |")
             continue
-        lines.append(f"| {r['engine']} | {r['provider']} | {r['variant']} | {r['batch_size']} "
+        variant = r["variant"] + (", TF32 allowed" if r.get("tf32") else "")
+        lines.append(f"| {r['engine']} | {r['provider']} | {variant} | {r['batch_size']} "
                      f"| ok | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f} | {r['throughput_ips']:.1f} | "
                      f"{r['accuracy']:.4f} | {r['first_inference_ms']:.1f} | "
@@ -493,7 +499,8 @@ def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
         path = model_path if variant == "fp32" else variants_dir / VARIANT_FILES[variant]
         if not path.is_file():
             report_rows += [{**base, "engine": "onnxruntime", "provider": p, "variant": variant,
-                             "trt_fp16": None, "batch_size": b, "status": "unavailable",
+                             "trt_fp16": None, "tf32": None, "batch_size": b,
+                             "status": "unavailable",
                              "provider_used": None,
                              "reason": f"{path} not found (add {variant} to export.variants)"}
                             for p in params.providers for b in params.batch_sizes]

@@ -2,8 +2,10 @@
 
 The backbone is exported to ONNX and run with onnxruntime (``features.engine: onnxruntime``,
 several times faster than PyTorch eager on CPU), or run in PyTorch (``engine: torch``). The
-first batch is also run through the PyTorch model and the largest difference is checked against
-``features.verify_tolerance`` (1e-4), so a bad export cannot go unnoticed.
+first batch is also run through the PyTorch model on CPU and the largest difference is checked
+against ``features.verify_tolerance`` (1e-4), so a bad export cannot go unnoticed; with
+``features.device: cuda`` (either engine) this checks the GPU run too, which is strict FP32 (no
+TF32), so GPU and CPU caches agree.
 
 Features are streamed batch by batch into a memory-mapped ``features.npy`` (a data set larger
 than RAM works). Outputs in ``--out`` (written to a temporary folder, then renamed):
@@ -16,6 +18,7 @@ Run: ``pipeline features --prepared data/prepared --out data/features``
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -33,7 +36,7 @@ from .imageio import DEFAULT_MAX_PIXELS
 from .params import as_dict, param
 from .prepare import SPLITS, image_root, read_prepared
 from .preprocess import Preprocessing
-from .runtime import resolve_threads
+from .runtime import cuda_tf32, resolve_threads
 
 FEATURES_FORMAT = 1
 
@@ -72,7 +75,7 @@ def make_extractor(backbone: Backbone, params: FeaturesParams,
         model = backbone.model.to(device)
 
         def run_torch(batch: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
+            with torch.inference_mode(), cuda_tf32(False):
                 return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
 
         return run_torch, f"torch:{device}"
@@ -91,11 +94,12 @@ def make_extractor(backbone: Backbone, params: FeaturesParams,
     return run_ort, f"onnxruntime:{session.get_providers()[0]}"
 
 
-def reference_features(backbone: Backbone, batch: np.ndarray) -> np.ndarray:
+def reference_features(model: Any, batch: np.ndarray) -> np.ndarray:
+    """The backbone's output in PyTorch on CPU, FP32: what every engine and device must match."""
     import torch
 
     with torch.inference_mode():
-        return backbone.model.cpu()(torch.from_numpy(batch)).numpy()
+        return model.cpu()(torch.from_numpy(batch)).numpy()
 
 
 def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: str | Path,
@@ -140,6 +144,10 @@ def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: s
             np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32,
                                       shape=(n, dim)).flush()
         tmp = Path(ctx.broadcast(str(tmp) if tmp is not None else None))
+        # PyTorch on CPU is the reference; make_extractor may move the model to the GPU
+        checked = params.engine != "torch" or params.device == "cuda"
+        reference = (copy.deepcopy(backbone.model) if params.engine == "torch" else
+                     backbone.model) if checked else None
         extract, provider = make_extractor(backbone, params, work)
         features = np.load(tmp / "features.npy", mmap_mode="r+")
         extract_seconds = 0.0
@@ -155,13 +163,15 @@ def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: s
                 if out.shape != (len(batch), dim):
                     raise PipelineError(f"backbone returned shape {out.shape}, expected "
                                         f"({len(batch)}, {dim})")
-                if max_diff is None and params.engine != "torch":
-                    max_diff = float(np.abs(out - reference_features(backbone, batch)).max())
+                if max_diff is None and reference is not None:
+                    max_diff = float(np.abs(out - reference_features(reference, batch)).max())
                     if not max_diff <= params.verify_tolerance:
+                        fix = ("set features.device: cpu" if params.engine == "torch" else
+                               "use features.engine: torch for this backbone")
                         raise PipelineError(
-                            f"features differ from the PyTorch reference by {max_diff:.3g} > "
-                            f"features.verify_tolerance={params.verify_tolerance:g}; use "
-                            "features.engine: torch for this backbone")
+                            f"features ({provider}) differ from the PyTorch CPU reference by "
+                            f"{max_diff:.3g} > features.verify_tolerance="
+                            f"{params.verify_tolerance:g}; {fix}")
                 features[indices[0]:indices[-1] + 1] = out
                 bar.update(len(batch))
         features.flush()

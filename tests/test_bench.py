@@ -38,7 +38,11 @@ def test_cpu_rows_are_complete_and_accuracy_is_real(exported, tmp_path):
                                                     rel=1e-3)
         assert 1 <= r["iterations"] <= 4 and r["first_inference_ms"] > 0
         assert r["peak_rss_mb"] > 0 and r["threads"] == 2
-        assert r["provider_used"] in ("CPUExecutionProvider", "torch:cpu")
+        # the provider that really ran is the row's own (CUDA rows appear on a GPU machine)
+        assert r["provider_used"] in {
+            "cpu": ("CPUExecutionProvider", "torch:cpu"),
+            "cuda": ("CUDAExecutionProvider", "torch:cuda")}[r["provider"]]
+        assert r["tf32"] is (True if r["provider"] == "cuda" else None)
     # accuracy is measured, not copied: it matches the runner on the same test images
     root, _ = exported
     runner = OnnxClassifier(root / "out" / "model.onnx")
@@ -125,3 +129,31 @@ def test_cuda_rows_run_on_the_gpu(exported, tmp_path):
     fp32_cuda = next(r for r in cuda if (r["engine"], r["variant"]) == ("onnxruntime", "fp32"))
     assert fp32_cuda["accuracy"] == pytest.approx(fp32_cpu["accuracy"], abs=0.05)
     assert fp32_cuda["gpu_memory_mb"] > 0
+    assert all(r["tf32"] is True for r in cuda)
+    # strict FP32 on the GPU: same accuracy as the CPU, and the row says which math it was
+    strict = _run(exported, tmp_path / "strict", BenchParams(
+        providers=("cuda",), variants=("fp32",), batch_sizes=(4,), iterations=3,
+        time_budget_s=0.3, warmup=1, cuda_tf32=False))
+    strict_cuda = [r for r in strict["rows"] if r["provider"] == "cuda"]
+    assert len(strict_cuda) == 2  # onnxruntime and PyTorch
+    assert all(r["status"] == "ok" and r["tf32"] is False for r in strict_cuda)
+    assert all(r["accuracy"] == fp32_cpu["accuracy"] for r in strict_cuda)
+
+
+def test_cuda_options_carry_the_tf32_choice(tmp_path):
+    from pipeline.bench import markdown, provider_options
+
+    assert provider_options("cuda", QUICK, (1, 8, 8, 3), tmp_path)["use_tf32"] == "1"
+    strict = BenchParams(cuda_tf32=False)
+    assert provider_options("cuda", strict, (1, 8, 8, 3), tmp_path)["use_tf32"] == "0"
+    row = {"engine": "onnxruntime", "provider": "cuda", "variant": "fp32", "batch_size": 8,
+           "status": "ok", "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "mean_ms": 1.0,
+           "std_ms": 0.0, "throughput_ips": 8000.0, "accuracy": 0.99, "first_inference_ms": 9.0,
+           "session_create_s": 0.5, "peak_rss_mb": 100, "tf32": True}
+    report = {"model": "m.onnx", "rows": [row, {**row, "tf32": False}], "ratios": {},
+              "summary": [], "environment": {"cpu": "x", "threads": 2, "available_cpus": 2,
+                                             "devices": {}, "onnxruntime": "1", "torch": "2",
+                                             "pipeline": "0"}}
+    table = markdown(report)
+    assert "| onnxruntime | cuda | fp32, TF32 allowed | 8 | ok |" in table
+    assert "| onnxruntime | cuda | fp32 | 8 | ok |" in table

@@ -33,7 +33,7 @@ def test_onnxruntime_features_match_pytorch_reference(prepared, tmp_path):
     backbone = build_backbone(TINY)
     batches = features_module.iter_batches([image_root(prepared, summary) / r["path"] for r in rows],
                                            backbone.preprocessing, 7, 0)
-    reference = np.concatenate([reference_features(backbone, b) for b in batches])
+    reference = np.concatenate([reference_features(backbone.model, b) for b in batches])
     assert np.abs(np.asarray(cache.features) - reference).max() <= 1e-4
     assert metrics["max_abs_diff_vs_torch_first_batch"] <= 1e-4
     assert json.loads((tmp_path / "m.json").read_text())["images"] == 24
@@ -85,7 +85,7 @@ def test_verification_catches_a_wrong_engine(prepared, tmp_path, monkeypatch):
         return (lambda batch: extract(batch) + 1e-3), provider
 
     monkeypatch.setattr(features_module, "make_extractor", off_by_a_bit)
-    with pytest.raises(PipelineError, match="differ from the PyTorch reference"):
+    with pytest.raises(PipelineError, match=r"features \(onnxruntime:CPUExecutionProvider\) differ from the PyTorch CPU reference"):
         run(TINY, FeaturesParams(), prepared, tmp_path / "f")
     assert not (tmp_path / "f").exists()
 
@@ -150,3 +150,54 @@ f.run(BackboneParams(name="timm:test_efficientnet", weights="none"),
     run(TINY, FeaturesParams(batch_size=4), prepared, out)  # a re-run works and sweeps it
     assert (out / "features.npy").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".f.")] == []
+
+
+def test_cuda_sessions_ask_for_strict_fp32(tmp_path, monkeypatch):
+    """onnxruntime's CUDA provider defaults to TF32 (features ~1e-2 off the CPU's on an H100):
+    the features session asks for strict FP32. Checked on the options, so it runs anywhere."""
+    import onnxruntime as ort
+
+    from pipeline import onnx_utils
+
+    seen = {}
+
+    class FakeSession:
+        def __init__(self, path, options, providers):
+            seen["providers"] = providers
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    monkeypatch.setattr(onnx_utils, "preload_gpu_libraries", lambda: None)
+    onnx_utils.ort_session(tmp_path / "m.onnx", 1, "cuda")
+    assert seen["providers"] == [("CUDAExecutionProvider", {"use_tf32": "0"}),
+                                 "CPUExecutionProvider"]
+
+
+def test_cuda_tf32_switch_is_restored():
+    import torch
+
+    from pipeline.runtime import cuda_tf32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with cuda_tf32(False):
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    with cuda_tf32(True):
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_gpu_features_match_the_cpu_cache(prepared, tmp_path, engine):
+    cpu = run(TINY, FeaturesParams(batch_size=4, threads=1), prepared, tmp_path / "cpu")
+    gpu = run(TINY, FeaturesParams(engine=engine, device="cuda", batch_size=4), prepared,
+              tmp_path / "gpu")
+    assert gpu["provider"] in ("onnxruntime:CUDAExecutionProvider", "torch:cuda")
+    assert gpu["max_abs_diff_vs_torch_first_batch"] <= 1e-4
+    diff = np.abs(np.load(tmp_path / "cpu" / "features.npy") -
+                  np.load(tmp_path / "gpu" / "features.npy"))
+    assert diff.max() <= 1e-4 and cpu["images"] == gpu["images"]
