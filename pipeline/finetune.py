@@ -18,6 +18,8 @@ Two paths give the same model (a test checks it):
 * ``mode: classic``: decodes and augments the images every epoch and runs the frozen prefix
   (no grad) before the trainable part: slower, but no cache on disk.
 
+``finetune.device: cuda`` runs either path on the GPU, deterministic and in strict FP32.
+
 With ``enabled: false`` the head-only model is written through the same outputs, so later stages
 always read ``models/model.safetensors`` (``backbone.*`` and ``head.*`` tensors) and
 ``models/model.json``. The training state is saved after every epoch next to the model
@@ -116,7 +118,8 @@ class ClassicSource:
 
     def _prefix(self, batch: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
-            return self.split.prefix(training_layout(torch.from_numpy(batch)))
+            x = torch.from_numpy(batch).to(module_device(self.split.prefix))
+            return self.split.prefix(training_layout(x))
 
     def train_batches(self, epoch: int, batches: list[list[int]]) -> Iterator[torch.Tensor]:
         p = self.params
@@ -134,6 +137,28 @@ class ClassicSource:
 
 
 # --------------------------------------------------------------------------- model and training
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters live (CPU for a module without any)."""
+    return next(module.parameters(), torch.empty(0)).device
+
+
+def training_device(name: str) -> torch.device:
+    """``finetune.device`` as a torch device, with the switches that keep training
+    reproducible there: on CUDA deterministic cuDNN, cuBLAS and strict FP32 (no TF32), so a
+    re-run gives the same bytes and the model matches the CPU's to float rounding."""
+    import os
+
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError("finetune.device is cuda but torch sees no CUDA GPU; set "
+                                "finetune.device: cpu")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.device(name)
 
 
 def trainable_model(split: Split, head: Head) -> nn.Sequential:
@@ -175,13 +200,14 @@ def evaluate(model: nn.Module, source: Any, name: str,
 
     was = [m.training for m in model.modules()]
     model.eval()
+    device = module_device(model)
     losses, preds, labels = [], [], []
     with torch.no_grad():
         for x, y in source.eval_batches(name, batch_size):
-            logits = model(x)
-            yt = torch.from_numpy(y)
+            logits = model(x.to(device))
+            yt = torch.from_numpy(y).to(device)
             losses.append(float(F.cross_entropy(logits, yt, reduction="sum")))
-            preds.append(logits.argmax(1).numpy())
+            preds.append(logits.argmax(1).cpu().numpy())
             labels.append(y)
     for m, flag in zip(model.modules(), was):
         m.train(flag)
@@ -206,18 +232,20 @@ def train_epoch(model: nn.Module, source: Any, epoch: int, order: torch.Tensor, 
     batches = [sorted(order[s:s + batch_size].tolist()) for s in range(0, len(order), batch_size)]
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     shards = [np.array_split(np.array(b), world)[rank].tolist() for b in batches]
+    device = module_device(model)
     running, seen = 0.0, 0
     for full, indices, x in zip(batches, shards, source.train_batches(epoch, shards)):
-        y = labels[indices]
+        x, y = x.to(device), labels[indices].to(device)
         if world == 1:
             loss = F.cross_entropy(model(x), y, weight=weight, label_smoothing=label_smoothing)
             batch_loss = float(loss.detach())
         else:
-            w_all = weight[labels[full]] if weight is not None else torch.ones(len(full))
+            w_all = (weight[labels[full].to(device)] if weight is not None else
+                     torch.ones(len(full), device=device))
             local = F.cross_entropy(model(x), y, weight=weight, label_smoothing=label_smoothing,
                                     reduction="sum") / w_all.sum()
             loss = local * world  # DDP averages gradients over the ranks
-            batch_loss = _all_sum(float(local.detach()))
+            batch_loss = _all_sum(float(local.detach()), device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -227,10 +255,10 @@ def train_epoch(model: nn.Module, source: Any, epoch: int, order: torch.Tensor, 
     return running / max(1, seen)
 
 
-def _all_sum(value: float) -> float:
+def _all_sum(value: float, device: torch.device) -> float:
     import torch.distributed as dist
 
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL: on the GPU
     dist.all_reduce(tensor)
     return float(tensor.item())
 
@@ -262,15 +290,18 @@ def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_class
     the same best-epoch and early-stopping decisions; only rank 0 writes the resume state.
     """
     ctx = ctx or DistContext()
-    torch.manual_seed(params.seed)
-    model = trainable_model(split, head)
+    device = training_device(params.device)
+    torch.manual_seed(params.seed)  # seeds CUDA too
+    model = trainable_model(split, head).to(device)
+    split.prefix.to(device)  # the classic path runs the frozen prefix every step
     train_model: nn.Module = model
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model)
+        train_model = DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
     labels = torch.from_numpy(source.train_labels)
-    weight = (torch.from_numpy(class_weights(source.train_labels, num_classes))
+    weight = (torch.from_numpy(class_weights(source.train_labels, num_classes)).to(device)
               if params.class_weighting == "balanced" else None)
     optimizer = make_optimizer(split, head, params)
     steps = math.ceil(len(labels) / params.batch_size)
@@ -297,6 +328,8 @@ def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_class
             scheduler.load_state_dict(state["scheduler"])
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
             history, best_epoch, best_state = state["history"], state["best_epoch"], \
                 state["best_state"]
             best = (state["best"][0], state["best"][1])
@@ -333,6 +366,8 @@ def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_class
             state = {"key": resume_key, "epoch": epoch, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                                  else None),
                      "history": history, "best_epoch": best_epoch, "best_state": best_state,
                      "best": list(best), "best_ft_loss": best_ft_loss, "stale": stale,
                      "seconds": seconds}
@@ -402,12 +437,16 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
     ``warm_start_candidate=False`` (the sweep's from-scratch baseline) keeps the best
     *trained* epoch even when the warm start scored higher on val.
 
-    Runs as one process or under torchrun (DDP, gloo on CPUs); rank 0 writes the outputs.
+    Runs as one process or under torchrun (DDP: gloo on CPUs, NCCL on GPUs); rank 0 writes the
+    outputs. ``finetune.device: cuda`` trains (and evaluates) on the GPU; weights are saved
+    from the CPU.
     """
-    ctx = context("cpu", backend)
+    device = training_device(params.device)
+    ctx = context(params.device, backend)
     threads = resolve_threads(params.threads)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    # CUDA lacks deterministic kernels for a few backward ops: warn there, reruns are checked
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     model_path, plots_dir = Path(model_path), Path(plots_dir)
     summary, classes, rows = read_prepared(prepared_dir)
     head, head_cfg = load_head(head_model, head_config)
@@ -452,6 +491,8 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
     model.eval()
     _, _, val_pred, val_true = evaluate(model, source, "val", params.batch_size)
     _, _, test_pred, test_true = evaluate(model, source, "test", params.batch_size)
+    backbone.model.cpu()
+    head.cpu()
     metrics = {
         "val": classification_report(val_true, val_pred, classes),
         "test": classification_report(test_true, test_pred, classes),

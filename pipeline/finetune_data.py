@@ -51,6 +51,7 @@ class FinetuneParams:
     seed: int = param(0, ge=0)
     threads: int = param(0, ge=0, help="0: one per CPU this process may use")
     workers: int = param(0, ge=0, help="image-decoding worker processes (0: in-process)")
+    device: Literal["cpu", "cuda"] = "cpu"
 
     def validate(self, section: str) -> None:
         if self.warmup_epochs > self.epochs:

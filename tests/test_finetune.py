@@ -332,3 +332,47 @@ def test_sweep_recommends_by_val_then_fewer_parameters():
     rows[2]["val_accuracy"] = 0.96
     assert recommend(rows) == 2
 
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_cuda_without_a_gpu_is_a_clear_error_before_any_work(project, tmp_path):
+    params = dataclasses.replace(FAST, device="cuda")
+    with pytest.raises(PipelineError, match="finetune.device is cuda but torch sees no CUDA"):
+        finetune(project, params, tmp_path / "out", cache=tmp_path / "missing")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_training_matches_cpu_and_reruns_and_resumes_to_the_same_bytes(project, tmp_path):
+    params = dataclasses.replace(FAST, augment="none", epochs=3, patience=0)
+    cache = build_cache(project, params, "cache_plain")
+    cpu = finetune(project, params, tmp_path / "cpu", cache=cache)
+    gpu_params = dataclasses.replace(params, device="cuda")
+    gpu = finetune(project, gpu_params, tmp_path / "gpu", cache=cache)
+    classic = finetune(project, dataclasses.replace(gpu_params, mode="classic"),
+                       tmp_path / "classic", cache=tmp_path / "unused")
+    models = [load_model(tmp_path / name / "model.safetensors", tmp_path / name / "model.json")[0]
+              for name in ("cpu", "gpu", "classic")]
+    for other in models[1:]:  # strict FP32 on the GPU: the CPU's model, to float rounding
+        diffs = [float((x - y).abs().max()) for x, y in zip(models[0].state_dict().values(),
+                                                             other.state_dict().values())
+                 if x.is_floating_point()]
+        assert max(diffs) <= 1e-4
+    assert gpu["test"]["accuracy"] == cpu["test"]["accuracy"] == classic["test"]["accuracy"]
+    again = finetune(project, gpu_params, tmp_path / "again", cache=cache)
+    assert again == gpu
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == \
+        (tmp_path / "gpu" / "model.safetensors").read_bytes()
+
+    def stop_after_1(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(project, gpu_params, tmp_path / "killed", cache=cache, on_epoch_end=stop_after_1)
+    assert finetune(project, gpu_params, tmp_path / "killed", cache=cache) == gpu
+    assert (tmp_path / "killed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "gpu" / "model.safetensors").read_bytes()
