@@ -12,6 +12,12 @@ It reports the training pass, the validation pass and the whole epoch (training 
 for each, their ratios, the time to build the cut cache, and after how many epochs the cache
 has paid for itself. Prints the figures and writes them as JSON.
 
+Both paths run the same trainable step, so the cut path's speedup is bounded by how fast that
+step can go. To show the bound, the report also gives the step's convolution and linear work
+(multiply-accumulates counted per layer, forward; forward + backward taken as 3x), the rate
+the cut path's training pass achieved on it, and this CPU's FP32 matrix-product rate at the
+same thread count (best of a few 2048x2048 products): the ceiling for that work.
+
 Run: ``pipeline bench-finetune --images 256 --epochs 2 --out reports/bench_finetune.json``
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import statistics
 import tempfile
 import time
@@ -37,6 +44,45 @@ from .finetune_data import FinetuneParams
 from .heads import Head, HeadConfig
 from .prepare import SPLITS, image_root, read_prepared
 from .runtime import available_cpus, resolve_threads
+
+
+def forward_macs(module: Any, x: Any) -> int:
+    """Multiply-accumulates of ``module``'s convolutions and linear layers on input ``x``."""
+    import torch
+    from torch import nn
+
+    total = 0
+
+    def count(layer: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.kernel_size
+            total += out.numel() * (layer.in_channels // layer.groups) * kh * kw
+        elif isinstance(layer, nn.Linear):
+            total += out.numel() * layer.in_features
+
+    handles = [m.register_forward_hook(count) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """This CPU's FP32 matrix-product rate (GFLOP/s) at the current torch thread count."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
 
 
 def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: str | Path,
@@ -100,6 +146,11 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
                 evaluate(model, source, "val", params.batch_size)
                 val_s.append(time.perf_counter() - t0)
             timings[path_name] = {"train": train_s, "val": val_s}
+        probe = list(range(min(params.batch_size, len(paths["train"]))))
+        probe_x = next(sources["cut"].train_batches(1, [probe]))
+        step_model = trainable_model(copy.deepcopy(split), copy.deepcopy(head)).eval()
+        macs_per_image = forward_macs(step_model, probe_x) / len(probe)
+    ceiling_gflops = matmul_gflops()
 
     def med(path_name: str, part: str) -> float:
         return statistics.median(timings[path_name][part])
@@ -135,6 +186,15 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
         "cache_build_s": round(cache_build_s, 3),
         "cache_views": info["views"],
         "break_even_epochs": round(cache_build_s / saved, 2) if saved > 0 else None,
+        "compute": {
+            "trainable_forward_gmac_per_image": round(macs_per_image / 1e9, 4),
+            # forward + grad-input + grad-weight ~ 3x forward, 2 FLOP per multiply-accumulate
+            "trainable_train_gflop_per_epoch": round(6 * macs_per_image * len(paths["train"])
+                                                     / 1e9, 4),
+            "cut_train_pass_gflops": round(6 * macs_per_image * len(paths["train"]) / 1e9
+                                           / med("cut", "train"), 2),
+            "cpu_fp32_matmul_gflops": round(ceiling_gflops, 1),
+        },
     }
     write_json(out_path, report)
     c, k = report["classic"], report["cut"]
@@ -149,5 +209,10 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
           f"speedup {report['speedup_epoch']:.2f}x")
     print(f"cut cache build {report['cache_build_s']:.2f} s ({info['views']} views); pays for "
           f"itself after {report['break_even_epochs']} epochs")
+    work = report["compute"]
+    print(f"trainable step {work['trainable_train_gflop_per_epoch']:.1f} GFLOP per epoch "
+          f"(convolutions + linear, forward + backward): the cut path's training pass runs it "
+          f"at {work['cut_train_pass_gflops']:.1f} GFLOP/s; this CPU's FP32 matrix-product "
+          f"ceiling is {work['cpu_fp32_matmul_gflops']:.1f} GFLOP/s")
     print(f"wrote {out_path}")
     return report

@@ -320,6 +320,22 @@ def test_sweep_and_bench_write_their_reports(project, tmp_path):
     assert bench["classic"]["epoch_s"] > 0 and bench["cut"]["epoch_s"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["speedup_epoch"] == \
         bench["speedup_epoch"]
+    work = bench["compute"]
+    assert work["trainable_forward_gmac_per_image"] > 0 and work["cpu_fp32_matmul_gflops"] > 0
+    assert work["cut_train_pass_gflops"] == pytest.approx(
+        work["trainable_train_gflop_per_epoch"] / bench["cut"]["train_pass_s"], rel=0.05,
+        abs=0.02)
+
+
+def test_forward_macs_counts_dense_depthwise_and_linear_layers():
+    from pipeline import bench_finetune
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                torch.nn.Flatten(), torch.nn.Linear(200, 4))
+    # 200 outputs x 27, 200 outputs x 9 (one input channel per group), 4 outputs x 200
+    assert bench_finetune.forward_macs(model, torch.zeros(1, 3, 5, 5)) == 5400 + 1800 + 800
+    assert bench_finetune.forward_macs(model, torch.zeros(2, 3, 5, 5)) == 2 * 8000
 
 
 def test_sweep_recommends_by_val_then_fewer_parameters():
