@@ -50,6 +50,7 @@ from .atomic import atomic_file, write_json, write_text
 from .bench_stages import _cpu_name
 from .errors import PipelineError
 from .imageio import load_rgb
+from .onnx_utils import cuda_tf32_option
 from .params import as_dict, param
 from .prepare import image_root, read_prepared
 from .runtime import available_cpus, cuda_tf32, resolve_threads
@@ -149,7 +150,7 @@ def provider_options(provider: str, params: BenchParams, input_shape: tuple[int,
                      cache_dir: Path) -> dict[str, Any]:
     if provider == "cuda":
         return {"cudnn_conv_algo_search": params.cudnn_conv_algo_search,
-                "use_tf32": str(int(params.cuda_tf32)), "device_id": 0}
+                **cuda_tf32_option(params.cuda_tf32), "device_id": 0}
     if provider == "tensorrt":
         dims = "x".join(str(d) for d in input_shape[1:])
         low, high = min(params.batch_sizes), max(params.batch_sizes)

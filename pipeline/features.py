@@ -145,9 +145,11 @@ def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: s
                                       shape=(n, dim)).flush()
         tmp = Path(ctx.broadcast(str(tmp) if tmp is not None else None))
         # PyTorch on CPU is the reference; make_extractor may move the model to the GPU
-        checked = params.engine != "torch" or params.device == "cuda"
-        reference = (copy.deepcopy(backbone.model) if params.engine == "torch" else
-                     backbone.model) if checked else None
+        reference = None
+        if params.engine != "torch":
+            reference = backbone.model
+        elif params.device == "cuda":
+            reference = copy.deepcopy(backbone.model)
         extract, provider = make_extractor(backbone, params, work)
         features = np.load(tmp / "features.npy", mmap_mode="r+")
         extract_seconds = 0.0

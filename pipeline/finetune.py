@@ -55,7 +55,7 @@ from .heads import Head, HeadConfig, load_head
 from .params import as_dict
 from .prepare import image_root, read_prepared
 from .preprocess import Preprocessing
-from .runtime import resolve_threads
+from .runtime import resolve_threads, set_cuda_tf32
 from .train_head import class_weights, lr_factor
 
 MODEL_FORMAT = 1
@@ -157,7 +157,7 @@ def training_device(name: str) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        set_cuda_tf32(False)
     return torch.device(name)
 
 

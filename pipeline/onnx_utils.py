@@ -81,10 +81,10 @@ def preload_gpu_libraries() -> None:
         pass
 
 
-# onnxruntime's CUDA provider runs FP32 convolutions and matrix products as TF32 by default
-# (10-bit mantissa): features then differ from the CPU's by ~1e-2 (measured on an H100 with
-# Lite0). Cached features feed every later stage, so they are computed in strict FP32.
-STRICT_FP32_CUDA = {"use_tf32": "0"}
+def cuda_tf32_option(allowed: bool) -> dict[str, str]:
+    """onnxruntime CUDA provider option for TF32 math on FP32 convolutions and matrix products
+    (the provider's default is on)."""
+    return {"use_tf32": str(int(allowed))}
 
 
 def ort_session(path: str | Path, threads: int = 0, device: str = "cpu") -> Any:
@@ -97,7 +97,9 @@ def ort_session(path: str | Path, threads: int = 0, device: str = "cpu") -> Any:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise PipelineError("features.device is cuda but onnxruntime has no "
                                 "CUDAExecutionProvider here; set features.device: cpu")
-        providers = [("CUDAExecutionProvider", dict(STRICT_FP32_CUDA)), "CPUExecutionProvider"]
+        # TF32 put Lite0's features ~1e-2 off the CPU's (H100); cached features feed every
+        # later stage, so they are computed in strict FP32
+        providers = [("CUDAExecutionProvider", cuda_tf32_option(False)), "CPUExecutionProvider"]
         preload_gpu_libraries()
     session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":

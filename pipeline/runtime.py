@@ -43,6 +43,16 @@ def resolve_threads(threads: int) -> int:
     return threads if threads > 0 else available_cpus()
 
 
+def set_cuda_tf32(allowed: bool) -> tuple[bool, bool]:
+    """Set PyTorch's TF32 switches (cuDNN convolutions, CUDA matrix products); return the old
+    values."""
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    return saved
+
+
 @contextlib.contextmanager
 def cuda_tf32(allowed: bool) -> Iterator[None]:
     """PyTorch's TF32 switches for CUDA convolutions and matrix products, restored on exit.
@@ -52,8 +62,7 @@ def cuda_tf32(allowed: bool) -> Iterator[None]:
     """
     import torch
 
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    saved = set_cuda_tf32(allowed)
     try:
         yield
     finally:
