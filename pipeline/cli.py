@@ -387,11 +387,14 @@ def _csv_list(kind: type) -> Callable[[Any, Any, str], list[Any]]:
               help="fractions for the from-scratch baseline (slow on CPU; '' skips it)")
 @click.option("--scratch-lr", default=1e-3, show_default=True, type=click.FloatRange(min=0,
               min_open=True), help="LR of the from-scratch baseline (all layers)")
+@click.option("--lr-backbone", "lr_backbones", default="", callback=_csv_list(float),
+              help="fine-tuning LRs to try at every block count, comma-separated, e.g. "
+                   "3e-4,1e-3  [default: finetune.lr_backbone]")
 @click.option("--out", default="reports/sweep", show_default=True, type=click.Path())
 @friendly_errors
 def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, head_config: str,
           blocks: list[Any], fractions: list[float], scratch_fractions: list[float],
-          scratch_lr: float, out: str) -> None:
+          scratch_lr: float, lr_backbones: list[float], out: str) -> None:
     """Measure which strategy to use: blocks sweep, from-scratch baseline, learning curve."""
     from .backbones import BackboneParams
     from .features import FeaturesParams
@@ -403,12 +406,14 @@ def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, h
     for f in fractions + scratch_fractions:
         if not 0 < f <= 1:
             raise click.BadParameter(f"fractions must be in (0, 1] (got {f})")
+    if any(lr <= 0 for lr in lr_backbones):
+        raise click.BadParameter(f"--lr-backbone values must be > 0 (got {lr_backbones})")
     cfg = SweepConfig(read_section(params_path, BackboneParams, "backbone"),
                       read_section(params_path, FeaturesParams, "features"),
                       read_section(params_path, TrainHeadParams, "train_head"),
                       read_section(params_path, FinetuneParams, "finetune"))
     run(cfg, prepared, features_dir, head_model, head_config, out, blocks, fractions,
-        scratch_fractions, scratch_lr)
+        scratch_fractions, scratch_lr, lr_backbones or None)
 
 
 @main.command("bench-scaling")

@@ -4,8 +4,9 @@ The seed articles give rules of thumb (small/large data x similar/different to I
 many layers to freeze). This command measures them on *your* data with the real stage functions
 (features -> train_head -> cut_cache -> finetune), each run in its own temporary folder:
 
-1. **blocks**: for each number of unfrozen block groups, test/val accuracy, trainable
-   parameters, training time and cut-cache time.
+1. **blocks**: for each number of unfrozen block groups (and each ``--lr-backbone``, which
+   share one cut cache), test/val accuracy, trainable parameters, training time and
+   cut-cache time; the pair with the best val accuracy is recommended.
 2. **from scratch**: the same architecture with random weights, every block trained (BatchNorm
    in training mode, classic path, one LR for all, ``--scratch-lr``), the same epochs,
    schedule, early stopping and augmentation: what transfer buys you. It reports the best
@@ -21,6 +22,7 @@ Run: ``pipeline sweep --blocks 0,1,2,3 --fractions 0.1,0.25,0.5,1 --scratch-frac
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import random
@@ -79,9 +81,12 @@ def subset_prepared(prepared_dir: Path, fraction: float, seed: int, out: Path) -
 
 
 def run_chain(cfg: SweepConfig, prepared: Path, work: Path, features_dir: Path | None = None,
-              head: tuple[Path, Path] | None = None,
-              warm_start_candidate: bool = True) -> dict[str, Any]:
-    """features -> train_head -> cut_cache -> finetune in ``work``; reuse given parts."""
+              head: tuple[Path, Path] | None = None, warm_start_candidate: bool = True,
+              lr_backbones: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """features -> train_head -> cut_cache -> finetune in ``work``; reuse given parts.
+
+    One row per fine-tuning LR in ``lr_backbones`` (default: the params' LR); they share the
+    features, the head and the cut cache, which no LR changes."""
     work.mkdir(parents=True, exist_ok=True)
     if head is None:
         if features_dir is None:
@@ -95,22 +100,32 @@ def run_chain(cfg: SweepConfig, prepared: Path, work: Path, features_dir: Path |
     t0 = time.perf_counter()
     cache_meta = build_cut_cache(cfg.backbone, cfg.finetune, prepared, work / "cut_cache")
     cache_s = time.perf_counter() - t0
-    metrics = finetune(cfg.backbone, cfg.finetune, prepared, work / "cut_cache", head[0],
-                       head[1], work / "model.safetensors", work / "model.json",
-                       work / "metrics.json", work / "plots", work / "timing.json",
-                       warm_start_candidate=warm_start_candidate)
-    timing = json.loads((work / "timing.json").read_text())
-    return {
-        "test_accuracy": metrics["test"]["accuracy"],
-        "val_accuracy": metrics["val"]["accuracy"],
-        "head_only_test_accuracy": head_metrics["test"]["accuracy"] if head_metrics else None,
-        "trainable_parameters": metrics["trainable_parameters"],
-        "best_epoch": metrics["best_epoch"],
-        "epochs_run": metrics["epochs_run"],
-        "train_seconds": timing["seconds_total"],
-        "cut_cache_seconds": round(cache_s, 2) if cache_meta.get("cached") else 0.0,
-        "mode": metrics["mode"],
-    }
+    rows = []
+    for lr in lr_backbones or [cfg.finetune.lr_backbone]:
+        ft = dataclasses.replace(cfg.finetune, lr_backbone=lr)
+        run_dir = work / f"lr_{lr:g}"
+        metrics = finetune(cfg.backbone, ft, prepared, work / "cut_cache", head[0], head[1],
+                           run_dir / "model.safetensors", run_dir / "model.json",
+                           run_dir / "metrics.json", run_dir / "plots", run_dir / "timing.json",
+                           warm_start_candidate=warm_start_candidate)
+        timing = json.loads((run_dir / "timing.json").read_text())
+        with open(run_dir / "plots" / "training.csv", newline="") as f:
+            history = list(csv.DictReader(f))
+        rows.append({
+            "lr_backbone": lr,
+            "test_accuracy": metrics["test"]["accuracy"],
+            "val_accuracy": metrics["val"]["accuracy"],
+            "head_only_test_accuracy": head_metrics["test"]["accuracy"] if head_metrics else None,
+            "trainable_parameters": metrics["trainable_parameters"],
+            "best_epoch": metrics["best_epoch"],
+            "epochs_run": metrics["epochs_run"],
+            # epoch 0 is the warm-started head; a rising or exploding loss shows a too-high LR
+            "val_loss_per_epoch": [float(h["val_loss"]) for h in history],
+            "train_seconds": timing["seconds_total"],
+            "cut_cache_seconds": round(cache_s, 2) if cache_meta.get("cached") else 0.0,
+            "mode": metrics["mode"],
+        })
+    return rows
 
 
 SCRATCH_LR = 1e-3  # AdamW's usual LR for training a network from random init
@@ -130,22 +145,30 @@ def scratch_config(cfg: SweepConfig, lr: float = SCRATCH_LR) -> SweepConfig:
 def run(cfg: SweepConfig, prepared_dir: str | Path, features_dir: str | Path,
         head_model: str | Path, head_config: str | Path, out_dir: str | Path,
         blocks: Sequence[int | str], fractions: Sequence[float],
-        scratch_fractions: Sequence[float], scratch_lr: float = SCRATCH_LR) -> dict[str, Any]:
+        scratch_fractions: Sequence[float], scratch_lr: float = SCRATCH_LR,
+        lr_backbones: Sequence[float] | None = None) -> dict[str, Any]:
+    """Run the sweep; ``lr_backbones`` (default: the params' LR) tries each fine-tuning LR
+    at every block count, since the best LR depends on how much of the backbone trains."""
     prepared_dir = Path(prepared_dir)
+    lr_backbones = list(lr_backbones or [cfg.finetune.lr_backbone])
     out_dir = Path(out_dir)
     report: dict[str, Any] = {"backbone": cfg.backbone.name, "finetune_params":
                               dataclasses.asdict(cfg.finetune), "scratch_lr": scratch_lr,
-                              "blocks": [], "curve": []}
+                              "lr_backbones": lr_backbones, "blocks": [], "curve": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for b in blocks:
             c = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, blocks=b))
             print(f"sweep: blocks {b}", flush=True)
-            row = run_chain(c, prepared_dir, work / f"blocks_{b}",
-                            head=(Path(head_model), Path(head_config)))
-            report["blocks"].append({"blocks": b, **row})
+            rows = run_chain(c, prepared_dir, work / f"blocks_{b}",
+                             head=(Path(head_model), Path(head_config)),
+                             # with no backbone block trained, lr_backbone changes nothing
+                             lr_backbones=lr_backbones if b != 0 else lr_backbones[:1])
+            report["blocks"] += [{"blocks": b, **row} for row in rows]
         if report["blocks"]:
-            report["recommended_blocks"] = recommend(report["blocks"])
+            best = recommend(report["blocks"])
+            report["recommended_blocks"] = best["blocks"]
+            report["recommended_lr_backbone"] = best["lr_backbone"]
         for f in sorted(set(fractions) | set(scratch_fractions)):
             prepared = (prepared_dir if f >= 1.0 else
                         subset_prepared(prepared_dir, f, cfg.finetune.seed, work / f"prep_{f}"))
@@ -153,14 +176,14 @@ def run(cfg: SweepConfig, prepared_dir: str | Path, features_dir: str | Path,
             entry: dict[str, Any] = {"fraction": f, "train_images": n_train}
             if f in fractions:
                 print(f"sweep: fraction {f} (transfer)", flush=True)
-                row = run_chain(cfg, prepared, work / f"frac_{f}",
-                                features_dir=Path(features_dir) if f >= 1.0 else None)
+                row, = run_chain(cfg, prepared, work / f"frac_{f}",
+                                 features_dir=Path(features_dir) if f >= 1.0 else None)
                 entry["head_only"] = row["head_only_test_accuracy"]
                 entry["finetuned"] = row["test_accuracy"]
             if f in scratch_fractions:
                 print(f"sweep: fraction {f} (from scratch)", flush=True)
-                row = run_chain(scratch_config(cfg, scratch_lr), prepared, work / f"scratch_{f}",
-                                warm_start_candidate=False)
+                row, = run_chain(scratch_config(cfg, scratch_lr), prepared,
+                                 work / f"scratch_{f}", warm_start_candidate=False)
                 entry["scratch"] = row["test_accuracy"]
                 entry["scratch_val"] = row["val_accuracy"]
                 entry["scratch_best_epoch"] = row["best_epoch"]
@@ -176,12 +199,12 @@ def run(cfg: SweepConfig, prepared_dir: str | Path, features_dir: str | Path,
     return report
 
 
-def recommend(rows: list[dict[str, Any]]) -> int | str:
-    """The block count to use: best val accuracy, then fewest trainable parameters.
+def recommend(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row to use: best val accuracy, then fewest trainable parameters, then the first
+    LR listed.
 
     Chosen on val only; test accuracy is reported, never used to choose."""
-    best = max(rows, key=lambda r: (r["val_accuracy"], -r["trainable_parameters"]))
-    return best["blocks"]
+    return max(rows, key=lambda r: (r["val_accuracy"], -r["trainable_parameters"]))
 
 
 def _fmt(value: Any) -> str:
@@ -190,13 +213,19 @@ def _fmt(value: Any) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Fine-tuning sweep ({report['backbone']})", "",
-             "| block groups trained | trainable parameters | test accuracy | val accuracy | "
-             "train s | cut cache s |", "|---|---|---|---|---|---|"]
+             "| block groups trained | lr_backbone | trainable parameters | test accuracy | "
+             "val accuracy | best epoch | train s | cut cache s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["blocks"]:
-        mark = " (best on val)" if r["blocks"] == report.get("recommended_blocks") else ""
-        lines.append(f"| {r['blocks']}{mark} | {r['trainable_parameters']:,} | "
+        best = (r["blocks"], r["lr_backbone"]) == (report.get("recommended_blocks"),
+                                                  report.get("recommended_lr_backbone"))
+        mark = " (best on val)" if best else ""
+        lr = "—" if r["blocks"] == 0 else f"{r['lr_backbone']:g}"
+        lines.append(f"| {r['blocks']}{mark} | {lr} | {r['trainable_parameters']:,} | "
                      f"{_fmt(r['test_accuracy'])} | {_fmt(r['val_accuracy'])} | "
-                     f"{r['train_seconds']:.1f} | {r['cut_cache_seconds']:.1f} |")
+                     f"{r['best_epoch']} | {r['train_seconds']:.1f} | {r['cut_cache_seconds']:.1f} |")
+    if not report["curve"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "Learning curve (test accuracy):", "",
               "| train fraction | train images | head only | fine-tuned | from scratch | "
               "random features + head |", "|---|---|---|---|---|---|"]
@@ -213,27 +242,38 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    curves = [(label, [(e["train_images"], e[key]) for e in report["curve"]
+                       if e.get(key) is not None])
+              for key, label in (("head_only", "head only"), ("finetuned", "fine-tuned"),
+                                 ("scratch", "from scratch"))]
+    curves = [(label, pts) for label, pts in curves if pts]
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(11 if curves else 6, 4),
+                             squeeze=False)
+    left = axes[0][0]
     rows = report["blocks"]
-    left.plot([str(r["blocks"]) for r in rows], [r["test_accuracy"] for r in rows], "o-",
-              label="test accuracy")
-    left.set_xlabel("block groups trained")
-    left.set_ylabel("test accuracy")
-    left.set_title("Accuracy by unfrozen block groups")
     twin = left.twinx()
-    twin.bar([str(r["blocks"]) for r in rows], [r["train_seconds"] for r in rows], alpha=0.25,
-             color="grey", label="train s")
-    twin.set_ylabel("training seconds")
-    for key, label in (("head_only", "head only"), ("finetuned", "fine-tuned"),
-                       ("scratch", "from scratch")):
-        pts = [(e["train_images"], e[key]) for e in report["curve"] if e.get(key) is not None]
-        if pts:
+    for lr in report["lr_backbones"]:
+        # blocks 0 trains no backbone weight, so it starts every LR's line
+        pts = [r for r in rows if r["blocks"] == 0 or r["lr_backbone"] == lr]
+        label = f" (lr_backbone {lr:g})"
+        line, = left.plot([str(r["blocks"]) for r in pts], [r["test_accuracy"] for r in pts],
+                          "o-", label="test accuracy" + label)
+        twin.plot([str(r["blocks"]) for r in pts], [r["train_seconds"] for r in pts], "s:",
+                  color=line.get_color(), alpha=0.5, label="train s" + label)
+    left.set_xlabel("block groups trained")
+    left.set_ylabel("test accuracy (solid)")
+    left.set_title("Accuracy by unfrozen block groups")
+    left.legend(fontsize="small")
+    twin.set_ylabel("training seconds (dotted)")
+    if curves:
+        right = axes[0][1]
+        for label, pts in curves:
             right.plot(*zip(*pts), "o-", label=label)
-    right.set_xscale("log")
-    right.set_xlabel("training images")
-    right.set_ylabel("test accuracy")
-    right.set_title("Learning curve")
-    right.legend()
+        right.set_xscale("log")
+        right.set_xlabel("training images")
+        right.set_ylabel("test accuracy")
+        right.set_title("Learning curve")
+        right.legend()
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -36,6 +36,15 @@ def test_backbones_describe_and_unknown():
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("value, message", [("3e-4,0", "--lr-backbone values must be > 0"),
+                                            ("3e-4,fast", "'fast' is not a valid float")])
+def test_sweep_rejects_bad_lr_backbone_before_any_work(tmp_path, value, message):
+    result = CliRunner().invoke(main, ["sweep", "--lr-backbone", value, "--out",
+                                       str(tmp_path / "sweep")])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "sweep").exists()
+
+
 def test_cli_chain_and_bench(image_folder, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(
