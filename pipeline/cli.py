@@ -213,15 +213,18 @@ def finetune(params_path: str, prepared: str, cut_cache_dir: str, head_model: st
               type=click.Path(file_okay=False), help="folder for the FP16/INT8 variants")
 @click.option("--metrics", default="metrics/export.json", show_default=True,
               type=click.Path(dir_okay=False))
+@click.option("--plots", default="plots/calibration", show_default=True,
+              type=click.Path(file_okay=False),
+              help="reliability tables (test split) before and after calibration")
 @friendly_errors
 def export(params_path: str, model: str, config: str, prepared: str, out: str,
-           variants_dir: str, metrics: str) -> None:
+           variants_dir: str, metrics: str, plots: str) -> None:
     """Export one self-describing ONNX file (+ FP16/INT8 variants) and check it (params: export.*)."""
     from .export import ExportParams, run
     from .params import read_section
 
     run(read_section(params_path, ExportParams, "export"), model, config, prepared, out,
-        variants_dir, metrics)
+        variants_dir, metrics, plots)
 
 
 @main.command()
@@ -235,9 +238,12 @@ def export(params_path: str, model: str, config: str, prepared: str, out: str,
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="CPU threads (0: one per CPU this process may use)")
+@click.option("--min-confidence", default=0.0, show_default=True,
+              type=click.FloatRange(0.0, 1.0),
+              help="mark predictions whose top probability is below this as uncertain")
 @friendly_errors
 def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, providers: str,
-            batch_size: int, threads: int) -> None:
+            batch_size: int, threads: int, min_confidence: float) -> None:
     """Classify images (files or folders) with an exported model; torch is not used.
 
     Exits with status 1 when any image could not be read (the others are still classified).
@@ -249,8 +255,12 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
     classifier = OnnxClassifier(model, [p.strip() for p in providers.split(",") if p.strip()],
                                 threads)
     if not as_json:
+        meta = classifier.contract.metadata
+        calibrated = (f"probabilities calibrated, temperature {float(meta['temperature']):.3g}"
+                      if meta.get("probability_calibration") == "temperature"
+                      else "probabilities not calibrated")
         click.echo(f"model {model} on {classifier.provider} "
-                   f"({len(classifier.classes)} classes)", err=True)
+                   f"({len(classifier.classes)} classes; {calibrated})", err=True)
     failed = 0
     for result in classifier.predict_files(expand_inputs(inputs), top_k, batch_size):
         if result.error:
@@ -260,13 +270,15 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
             else:
                 click.echo(f"error: {result.path}: {result.error}", err=True)
             continue
+        uncertain = result.top[0][1] < min_confidence
         if as_json:
             click.echo(json.dumps({"path": result.path, "provider": classifier.provider,
                                    "predictions": [{"label": label, "probability": round(p, 6)}
-                                                   for label, p in result.top]}))
+                                                   for label, p in result.top],
+                                   "uncertain": uncertain}))
         else:
             top = "  ".join(f"{label} {p:.3f}" for label, p in result.top)
-            click.echo(f"{result.path}\t{top}")
+            click.echo(f"{result.path}\t{top}" + ("\tuncertain" if uncertain else ""))
     if failed:
         raise SystemExit(1)
 

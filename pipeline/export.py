@@ -8,6 +8,10 @@ Exports the fine-tuned model (or the head-only model when fine-tuning is off: bo
   1/255 scaling, the mean/std normalisation and the layout change itself. Resize + centre crop
   stay outside (the runner does them) and are declared in the metadata.
 * outputs ``probabilities`` (softmax) and, with ``export.logits_output: true``, ``logits``.
+  With ``export.probability_calibration: temperature`` (default) the probabilities are
+  calibrated: softmax(logits / T) with T fitted on the val split (:mod:`pipeline.calibration`);
+  ``logits`` stay raw. NLL, ECE and Brier score before/after land in ``metrics/export.json``
+  and reliability tables in ``--plots``.
 * ``metadata_props``: classes, input contract, resize/crop policy, mean/std, backbone, package
   version, training metrics, training manifest hash (see :mod:`pipeline.runner`).
 
@@ -34,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_dir, atomic_file, write_json
+from .atomic import atomic_dir, atomic_file, write_csv, write_json
 from .errors import PipelineError
 from .imageio import load_rgb
 from .params import param
@@ -61,11 +65,16 @@ class ExportParams:
     tolerance: float = param(1e-4, gt=0.0, help="max |onnxruntime - PyTorch|, FP32")
     fp16_min_agreement: float = param(0.995, ge=0.0, le=1.0)
     int8_max_accuracy_drop: float = param(0.01, ge=0.0, le=1.0)
+    probability_calibration: Literal["temperature", "none"] = "temperature"
+    reliability_bins: int = param(15, ge=2, le=100, help="confidence bins for ECE and the "
+                                  "reliability plot")
     threads: int = param(0, ge=0)
 
 
-def deployable(classifier: Any, pp: Preprocessing, input_kind: str) -> Any:
-    """Wrap the classifier: (uint8 NHWC | normalised float NCHW) -> (probabilities, logits)."""
+def deployable(classifier: Any, pp: Preprocessing, input_kind: str,
+               temperature: float = 1.0) -> Any:
+    """Wrap the classifier: (uint8 NHWC | normalised float NCHW) -> (probabilities, logits);
+    probabilities = softmax(logits / temperature)."""
     import torch
     from torch import nn
 
@@ -83,12 +92,14 @@ def deployable(classifier: Any, pp: Preprocessing, input_kind: str) -> Any:
             else:
                 x = image
             logits = self.classifier(x)
-            return torch.softmax(logits, dim=1), logits
+            scaled = logits / temperature if temperature != 1.0 else logits
+            return torch.softmax(scaled, dim=1), logits
 
     return Deployable().eval()
 
 
-def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str]) -> dict[str, str]:
+def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str],
+             temperature: float = 1.0) -> dict[str, str]:
     pp = config["preprocessing"]
     layout = "NHWC" if params.input == "uint8_nhwc" else "NCHW"
     return {
@@ -109,6 +120,8 @@ def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str]) -
         "mean": json.dumps(pp["mean"]),
         "std": json.dumps(pp["std"]),
         "outputs": json.dumps(outputs),
+        "probability_calibration": params.probability_calibration,
+        "temperature": repr(float(temperature)),
         "backbone": config["backbone"]["name"],
         "backbone_weights": config["backbone"]["weights"],
         "pipeline_version": __version__,
@@ -126,7 +139,7 @@ def _write_model(model: Any, path: Path) -> None:
 
 
 def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
-                path: Path) -> dict[str, Any]:
+                path: Path, temperature: float = 1.0) -> dict[str, Any]:
     """Export, simplify (constant folding + shape inference) and stamp the metadata."""
     import onnx
     import torch
@@ -134,7 +147,7 @@ def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
     from .onnx_utils import export_module
 
     pp = Preprocessing.from_dict(config["preprocessing"])
-    wrapped = deployable(classifier, pp, params.input)
+    wrapped = deployable(classifier, pp, params.input, temperature)
     size = pp.input_size
     example = (torch.zeros(2, size, size, 3, dtype=torch.uint8) if params.input == "uint8_nhwc"
                else torch.zeros(2, 3, size, size))
@@ -145,7 +158,7 @@ def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     outputs = [o.name for o in model.graph.output]
     del model.metadata_props[:]
-    for key, value in metadata(config, params, outputs).items():
+    for key, value in metadata(config, params, outputs, temperature).items():
         model.metadata_props.add(key=key, value=value)
     model.producer_name, model.producer_version = "pipeline", __version__
     onnx.checker.check_model(model, full_check=True)
@@ -239,12 +252,22 @@ def _run_ort(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preproces
     return np.concatenate(probs), (np.concatenate(logits) if logits else None)
 
 
-def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
-        prepared_dir: str | Path, out_path: str | Path, variants_dir: str | Path,
-        metrics_path: str | Path) -> dict[str, Any]:
-    """Export ``out_path`` and the variants into ``variants_dir``; check; write metrics."""
+def _logits(classifier: Any, pixels: np.ndarray, pp: Preprocessing) -> np.ndarray:
     import torch
 
+    with torch.no_grad():
+        return torch.cat([classifier(torch.from_numpy(normalize(pixels[s:s + 32], pp)))
+                          for s in range(0, len(pixels), 32)]).numpy()
+
+
+def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
+        prepared_dir: str | Path, out_path: str | Path, variants_dir: str | Path,
+        metrics_path: str | Path, plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """Export ``out_path`` and the variants into ``variants_dir``; check; write metrics (and
+    the reliability tables of the test split into ``plots_dir``)."""
+    import torch
+
+    from .calibration import calibration_report, fit_temperature, reliability, softmax
     from .finetune import load_model
 
     threads = resolve_threads(params.threads)
@@ -259,30 +282,40 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     root = image_root(prepared_dir, summary)
     max_pixels = summary["params"]["max_image_pixels"]
     test = [r for r in rows if r["split"] == "test"]
+    val = [r for r in rows if r["split"] == "val"]
     train = [r for r in rows if r["split"] == "train"]
     if not test:
         raise PipelineError(f"{prepared_dir}: the test split is empty; export checks need it")
+    if params.probability_calibration == "temperature" and not val:
+        raise PipelineError(f"{prepared_dir}: the val split is empty, so the temperature cannot "
+                            "be fitted; set prepare.val_fraction > 0 or "
+                            "export.probability_calibration: none")
     step = max(1, len(train) // params.calibration_images)
     calib_rows = train[::step][:params.calibration_images]
     test_pixels = _images([root / r["path"] for r in test], pp, max_pixels)
     test_labels = np.array([classes.index(r["label"]) for r in test])
-    with torch.no_grad():
-        ref_logits = torch.cat([classifier(torch.from_numpy(normalize(test_pixels[s:s + 32], pp)))
-                                for s in range(0, len(test_pixels), 32)])
-    ref_probs = torch.softmax(ref_logits, 1).numpy()
-    ref_logits_np = ref_logits.numpy()
+    ref_logits_np = _logits(classifier, test_pixels, pp)
+    val_labels = np.array([classes.index(r["label"]) for r in val], dtype=np.int64)
+    val_logits = (_logits(classifier, _images([root / r["path"] for r in val], pp, max_pixels),
+                          pp) if val else np.zeros((0, len(classes)), np.float32))
+    temperature = (fit_temperature(val_logits, val_labels)
+                   if params.probability_calibration == "temperature" else 1.0)
+    calibration = calibration_report(val_logits, val_labels, ref_logits_np, test_labels,
+                                     temperature, params.probability_calibration,
+                                     params.reliability_bins)
+    ref_probs = softmax(ref_logits_np, temperature).astype(np.float32)
     ref_top1 = ref_logits_np.argmax(1)
     n_check = min(params.check_images, len(test_pixels))
 
     report: dict[str, Any] = {"opset": params.opset, "input": params.input,
                               "test_images": len(test), "check_images": n_check,
                               "pytorch_test_accuracy": float((ref_top1 == test_labels).mean()),
-                              "variants": {}}
+                              "calibration": calibration, "variants": {}}
     failures = []
     with tempfile.TemporaryDirectory() as work:
         staged = {"fp32": Path(work) / out_path.name}
         staged |= {v: Path(work) / variant_name(out_path, v) for v in params.variants}
-        report["graph"] = export_fp32(classifier, config, params, staged["fp32"])
+        report["graph"] = export_fp32(classifier, config, params, staged["fp32"], temperature)
         if "fp16" in staged:
             export_fp16(staged["fp32"], staged["fp16"])
         if "int8" in staged:
@@ -322,7 +355,14 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                 shutil.copyfile(staged[variant], tmp / staged[variant].name)
         with atomic_file(out_path) as tmp:
             shutil.copyfile(staged["fp32"], tmp)
+    if plots_dir is not None:
+        for name, t in (("uncalibrated", 1.0), ("calibrated", temperature)):
+            write_csv(Path(plots_dir) / f"{name}.csv", ("confidence", "accuracy", "count"),
+                      ((f"{r['confidence']:.6g}", f"{r['accuracy']:.6g}", r["count"])
+                       for r in reliability(softmax(ref_logits_np, t), test_labels,
+                                            params.reliability_bins)))
     write_json(metrics_path, report)
+    _print_calibration(calibration)
     for variant, row in report["variants"].items():
         print(f"export {variant:5s} {row['file']:22s} {row['bytes'] / 1e6:6.1f} MB  max |diff| "
               f"probs {row['max_abs_diff_probabilities']:.2e}  top-1 agreement "
@@ -362,3 +402,16 @@ def _check(variant: str, row: dict[str, Any], report: dict[str, Any],
                             f"{row['accuracy_drop_vs_fp32']:.4f} below fp32 (limit "
                             f"export.int8_max_accuracy_drop={params.int8_max_accuracy_drop})")
     return failures
+
+
+def _print_calibration(calibration: dict[str, Any]) -> None:
+    if calibration["method"] == "none":
+        print("export: probabilities not calibrated (export.probability_calibration: none)")
+        return
+    parts = [f"export: temperature {calibration['temperature']:.4f} (fitted on val)"]
+    for split in ("val", "test"):
+        if split in calibration:
+            b, a = calibration[split]["before"], calibration[split]["after"]
+            parts.append(f"{split} NLL {b['nll']:.4f} -> {a['nll']:.4f}, ECE {b['ece']:.4f} -> "
+                         f"{a['ece']:.4f}")
+    print("; ".join(parts))

@@ -96,5 +96,5 @@ def exported(tmp_path_factory):
              root / "model.safetensors", root / "model.json", root / "fm.json", root / "fp")
     report = export(ExportParams(threads=2, calibration_images=16), root / "model.safetensors",
                     root / "model.json", root / "prepared", root / "out" / "model.onnx",
-                    root / "out" / "variants", root / "export.json")
+                    root / "out" / "variants", root / "export.json", root / "calibration")
     return root, report

@@ -83,6 +83,10 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     exported = json.loads((tmp_path / "metrics" / "export.json").read_text())
     assert exported["variants"]["fp32"]["passed"] and exported["variants"]["int8"]["passed"]
     assert (tmp_path / "models" / "model.onnx").is_file()
+    calibration = exported["calibration"]
+    assert calibration["method"] == "temperature" and calibration["temperature"] > 0
+    assert calibration["val"]["after"]["nll"] <= calibration["val"]["before"]["nll"]
+    assert (tmp_path / "plots" / "calibration" / "calibrated.csv").is_file()
     assert (tmp_path / "models" / "variants" / "model.int8.onnx").is_file()
     bench = json.loads((tmp_path / "reports" / "bench.json").read_text())
     by_status = {(r["engine"], r["provider"], r["variant"], r["batch_size"]): r["status"]
@@ -93,6 +97,10 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     assert (tmp_path / "reports" / "bench.png").is_file()
     assert "| onnxruntime | cpu | fp32 | 4 | ok |" in (tmp_path / "reports" / "bench.md").read_text()
     assert "Test confusion matrix" in (tmp_path / "dvc.yaml").read_text()
+    plots = json.loads(sh(["dvc", "plots", "show", "--json"], tmp_path, cli_env))
+    (reliability,) = [v for k, v in plots["data"].items() if k.startswith("Reliability on test")]
+    rendered = json.dumps(reliability)  # the vega spec carries the points of both CSVs
+    assert "calibrated.csv" in rendered and '"confidence"' in rendered
 
     second = sh(["dvc", "repro"], tmp_path, cli_env)
     assert "Running stage" not in second  # nothing changed: nothing runs
@@ -102,6 +110,8 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     assert json.loads((tmp_path / "metrics" / "head.json").read_text()) == metrics
     assert (tmp_path / "models" / "model.safetensors").read_bytes() == model_bytes
     assert json.loads((tmp_path / "metrics" / "finetune.json").read_text()) == finetuned
+    assert json.loads((tmp_path / "metrics" / "export.json").read_text())["calibration"] == \
+        calibration
 
     shown = sh(["dvc", "metrics", "show", "--json"], tmp_path, cli_env)
     assert "test.accuracy" in shown or '"accuracy"' in shown

@@ -89,8 +89,9 @@ def test_runner_matches_the_pytorch_model_and_training_preprocessing(exported):
     model, config = load_model(root / "model.safetensors", root / "model.json")
     pp = Preprocessing.from_dict(config["preprocessing"])
     x = np.stack([view_pixels(p, pp, "none", 0, 0, 0) for p in paths])
+    temperature = float(runner.contract.metadata["temperature"])  # fitted on val by export
     with torch.no_grad():
-        expected = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
+        expected = torch.softmax(model(torch.from_numpy(x)) / temperature, 1).numpy()
     results = list(runner.predict_files(paths, top_k=3, batch_size=7))
     assert [r.path for r in results] == [str(p) for p in paths]
     for r, probs in zip(results, expected):
@@ -100,6 +101,73 @@ def test_runner_matches_the_pytorch_model_and_training_preprocessing(exported):
     # the runner's tensor is exactly the training preprocessing's
     img = Image.open(paths[0]).convert("RGB")
     assert np.array_equal(runner.prepare(img), resize_and_crop(img, pp))
+
+
+def test_probabilities_are_calibrated_on_val_and_the_figures_are_reported(exported):
+    root, report = exported
+    cal = report["calibration"]
+    meta = OnnxClassifier(root / "out" / "model.onnx").contract.metadata
+    assert (meta["probability_calibration"], float(meta["temperature"])) == \
+        ("temperature", cal["temperature"])
+    assert cal["fitted_on"] == "val" and cal["temperature"] != 1.0
+    val, test = cal["val"], cal["test"]
+    summary, _, rows = read_prepared(root / "prepared")
+    assert val["images"] == sum(r["split"] == "val" for r in rows) and \
+        test["images"] == report["test_images"]
+    # T minimises the val NLL, so it beats T = 1 there; top-1 (accuracy) never moves
+    assert val["after"]["nll"] < val["before"]["nll"]
+    for split in (val, test):
+        assert split["after"]["accuracy"] == split["before"]["accuracy"]
+    assert test["before"]["accuracy"] == report["pytorch_test_accuracy"]
+    # the reliability tables count every test image once, before and after
+    for name in ("uncalibrated", "calibrated"):
+        lines = (root / "calibration" / f"{name}.csv").read_text().splitlines()
+        assert lines[0] == "confidence,accuracy,count"
+        assert sum(int(line.split(",")[2]) for line in lines[1:]) == report["test_images"]
+
+
+def test_calibration_none_exports_the_raw_softmax(exported, tmp_path):
+    root, report = exported
+    params = ExportParams(threads=2, variants=(), probability_calibration="none",
+                          logits_output=True)
+    raw = run(params, root / "model.safetensors", root / "model.json", root / "prepared",
+              tmp_path / "m.onnx", tmp_path / "v", tmp_path / "e.json")
+    assert raw["calibration"]["temperature"] == 1.0 and raw["variants"]["fp32"]["passed"]
+    assert raw["calibration"]["test"]["before"] == raw["calibration"]["test"]["after"]
+    paths, _ = _test_images(root)
+    img = Image.open(paths[0]).convert("RGB")
+    raw_model, calibrated = OnnxClassifier(tmp_path / "m.onnx"), \
+        OnnxClassifier(root / "out" / "model.onnx")
+    assert raw_model.contract.metadata["temperature"] == "1.0"
+    x = raw_model.prepare(img)[None]
+    probs, logits = raw_model.session.run(None, {"image": x})
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    assert np.allclose(probs, e / e.sum(1, keepdims=True), atol=1e-6)
+    t = report["calibration"]["temperature"]
+    e = np.exp((logits - logits.max(1, keepdims=True)) / t)
+    assert np.allclose(calibrated.session.run(None, {"image": x})[0], e / e.sum(1, keepdims=True),
+                       atol=1e-5)
+
+
+def test_temperature_needs_a_val_split(exported, tmp_path):
+    root, _ = exported
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for name in ("summary.json", "classes.json"):
+        (prepared / name).write_bytes((root / "prepared" / name).read_bytes())
+    text = (root / "prepared" / "manifest.csv").read_text()
+    (prepared / "manifest.csv").write_text(text.replace(",val,", ",train,"))
+    params = tmp_path / "params.yaml"
+    params.write_text("export:\n  variants: []\n")
+    result = CliRunner().invoke(main, ["export", "--params", str(params), "--model",
+                                       str(root / "model.safetensors"), "--config",
+                                       str(root / "model.json"), "--prepared", str(prepared),
+                                       "--out", str(tmp_path / "m.onnx"), "--metrics",
+                                       str(tmp_path / "e.json"), "--plots", str(tmp_path / "p")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "val split is empty" in result.output and \
+        "export.probability_calibration: none" in result.output
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "e.json").exists()
 
 
 def test_float_input_variant_with_logits(exported, tmp_path):
@@ -148,6 +216,27 @@ def test_predict_cli_table_json_and_bad_images(exported, tmp_path):
     table = CliRunner().invoke(main, ["predict", "--model", model, str(folder)])
     assert table.exit_code == 0, table.output
     assert table.output.count(str(folder)) == 3 and "CPUExecutionProvider" in table.output
+    assert "probabilities calibrated, temperature" in table.output
+
+
+def test_predict_marks_predictions_below_min_confidence(exported):
+    root, _ = exported
+    paths, _ = _test_images(root)
+    model = str(root / "out" / "model.onnx")
+    args = ["predict", "--model", model, *map(str, paths), "--top-k", "1"]
+    lines = [json.loads(line) for line in CliRunner().invoke(main, args + ["--json"]).output
+             .splitlines()]
+    top = [line["predictions"][0]["probability"] for line in lines]
+    assert not any(line["uncertain"] for line in lines)  # default 0: nothing is uncertain
+    threshold = float(np.median(top))
+    marked = [json.loads(line) for line in CliRunner().invoke(
+        main, args + ["--json", "--min-confidence", str(threshold)]).output.splitlines()]
+    assert [line["uncertain"] for line in marked] == [p < threshold for p in top]
+    assert 0 < sum(p < threshold for p in top) < len(top)
+    table = CliRunner().invoke(main, args + ["--min-confidence", str(threshold)])
+    assert table.output.count("\tuncertain") == sum(p < threshold for p in top)
+    bad = CliRunner().invoke(main, args + ["--min-confidence", "1.5"])
+    assert bad.exit_code == 2 and "--min-confidence" in bad.output
 
 
 def test_providers_are_checked_and_reported(exported):
