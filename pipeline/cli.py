@@ -59,7 +59,8 @@ def main() -> None:
     """Transfer learning for image classification, from a folder of images to one ONNX file.
 
     Stages (chained by dvc.yaml, run them all with `dvc repro`):
-    prepare -> features -> train-head -> cut-cache -> finetune -> export -> bench.
+    prepare -> features -> train-head -> cut-cache -> finetune -> export -> interpret,
+    bench.
     """
 
 
@@ -225,6 +226,24 @@ def export(params_path: str, model: str, config: str, prepared: str, out: str,
 
     run(read_section(params_path, ExportParams, "export"), model, config, prepared, out,
         variants_dir, metrics, plots)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--model", default="models/model.onnx", show_default=True,
+              type=click.Path(dir_okay=False), help="ONNX model written by `pipeline export`")
+@PREPARED_OPTION
+@click.option("--out", default="reports/interpret", show_default=True,
+              type=click.Path(file_okay=False), help="folder for the loss tables and sheets")
+@click.option("--metrics", default="metrics/interpret.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@friendly_errors
+def interpret(params_path: str, model: str, prepared: str, out: str, metrics: str) -> None:
+    """Top losses and most confused classes of the exported model (params: interpret.*)."""
+    from .interpret import InterpretParams, run
+    from .params import read_section
+
+    run(read_section(params_path, InterpretParams, "interpret"), model, prepared, out, metrics)
 
 
 @main.command()
@@ -408,24 +427,49 @@ def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, h
           blocks: list[Any], fractions: list[float], scratch_fractions: list[float],
           scratch_lr: float, lr_backbones: list[float], out: str) -> None:
     """Measure which strategy to use: blocks sweep, from-scratch baseline, learning curve."""
-    from .backbones import BackboneParams
-    from .features import FeaturesParams
-    from .finetune_data import FinetuneParams
-    from .params import read_section
-    from .sweep import SweepConfig, run
-    from .train_head import TrainHeadParams
+    from .sweep import run
 
     for f in fractions + scratch_fractions:
         if not 0 < f <= 1:
             raise click.BadParameter(f"fractions must be in (0, 1] (got {f})")
     if any(lr <= 0 for lr in lr_backbones):
         raise click.BadParameter(f"--lr-backbone values must be > 0 (got {lr_backbones})")
-    cfg = SweepConfig(read_section(params_path, BackboneParams, "backbone"),
-                      read_section(params_path, FeaturesParams, "features"),
-                      read_section(params_path, TrainHeadParams, "train_head"),
-                      read_section(params_path, FinetuneParams, "finetune"))
-    run(cfg, prepared, features_dir, head_model, head_config, out, blocks, fractions,
-        scratch_fractions, scratch_lr, lr_backbones or None)
+    run(_sweep_config(params_path), prepared, features_dir, head_model, head_config, out,
+        blocks, fractions, scratch_fractions, scratch_lr, lr_backbones or None)
+
+
+def _sweep_config(params_path: str) -> Any:
+    """The params sections that a whole training chain reads."""
+    from .backbones import BackboneParams
+    from .features import FeaturesParams
+    from .finetune_data import FinetuneParams
+    from .params import read_section
+    from .sweep import SweepConfig
+    from .train_head import TrainHeadParams
+
+    return SweepConfig(read_section(params_path, BackboneParams, "backbone"),
+                       read_section(params_path, FeaturesParams, "features"),
+                       read_section(params_path, TrainHeadParams, "train_head"),
+                       read_section(params_path, FinetuneParams, "finetune"))
+
+
+@main.command("noise-check")
+@PARAMS_OPTION
+@PREPARED_OPTION
+@click.option("--flips", default=25, show_default=True, type=click.IntRange(1),
+              help="training labels to flip to another class")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="onnxruntime threads for export and interpret (0: all this process may use)")
+@click.option("--out", default="reports/noise_check.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@friendly_errors
+def noise_check(params_path: str, prepared: str, flips: int, seed: int, threads: int,
+                out: str) -> None:
+    """Measure whether interpret's train-loss ranking finds flipped (mislabeled) images."""
+    from .noise_check import run
+
+    run(_sweep_config(params_path), prepared, out, flips, seed, threads)
 
 
 @main.command("bench-scaling")

@@ -66,18 +66,29 @@ def subset_prepared(prepared_dir: Path, fraction: float, seed: int, out: Path) -
         n = max(1, round(len(items) * fraction))
         keep.update(r["path"] for r in rng.sample(items, n))
     chosen = [r for r in rows if r["split"] != "train" or r["path"] in keep]
+    return derived_prepared(prepared_dir, chosen, out)
+
+
+def derived_prepared(prepared_dir: Path, rows: list[dict[str, str]], out: Path) -> Path:
+    """A prepared folder with these manifest rows, reading the images of ``prepared_dir``."""
+    summary, classes, _ = read_prepared(prepared_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "manifest.csv", MANIFEST_HEADER, ([r[k] for k in MANIFEST_HEADER]
-                                                     for r in chosen))
+                                                     for r in rows))
     write_json(out / "classes.json", classes)
     sub = dict(summary)
     sub["root"] = str(image_root(prepared_dir, summary).resolve())
     sub["manifest_sha256"] = sha256_file(out / "manifest.csv")
-    sub["num_images"] = len(chosen)
-    sub["split_counts"] = {s: sum(r["split"] == s for r in chosen) for s in ("train", "val",
-                                                                             "test")}
+    sub["num_images"] = len(rows)
+    sub["split_counts"] = {s: sum(r["split"] == s for r in rows) for s in ("train", "val",
+                                                                           "test")}
     write_json(out / "summary.json", sub)
     return out
+
+
+def run_dir_of(work: Path, lr_backbone: float) -> Path:
+    """Where :func:`run_chain` writes the model, metrics and plots of one fine-tuning LR."""
+    return work / f"lr_{lr_backbone:g}"
 
 
 def run_chain(cfg: SweepConfig, prepared: Path, work: Path, features_dir: Path | None = None,
@@ -103,7 +114,7 @@ def run_chain(cfg: SweepConfig, prepared: Path, work: Path, features_dir: Path |
     rows = []
     for lr in lr_backbones or [cfg.finetune.lr_backbone]:
         ft = dataclasses.replace(cfg.finetune, lr_backbone=lr)
-        run_dir = work / f"lr_{lr:g}"
+        run_dir = run_dir_of(work, lr)
         metrics = finetune(cfg.backbone, ft, prepared, work / "cut_cache", head[0], head[1],
                            run_dir / "model.safetensors", run_dir / "model.json",
                            run_dir / "metrics.json", run_dir / "plots", run_dir / "timing.json",

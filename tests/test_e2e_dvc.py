@@ -87,6 +87,10 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     assert calibration["method"] == "temperature" and calibration["temperature"] > 0
     assert calibration["val"]["after"]["nll"] <= calibration["val"]["before"]["nll"]
     assert (tmp_path / "plots" / "calibration" / "calibrated.csv").is_file()
+    interpreted = json.loads((tmp_path / "metrics" / "interpret.json").read_text())
+    assert interpreted["splits"]["test"]["accuracy"] == exported["variants"]["fp32"]["test_accuracy"]
+    assert interpreted["splits"]["train"]["images"] == 120  # 10 digits x 12 training images
+    assert (tmp_path / "reports" / "interpret" / "train_top_losses.png").is_file()
     assert (tmp_path / "models" / "variants" / "model.int8.onnx").is_file()
     bench = json.loads((tmp_path / "reports" / "bench.json").read_text())
     by_status = {(r["engine"], r["provider"], r["variant"], r["batch_size"]): r["status"]

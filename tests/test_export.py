@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import re
@@ -149,14 +150,20 @@ def test_calibration_none_exports_the_raw_softmax(exported, tmp_path):
                        atol=1e-5)
 
 
-def test_temperature_needs_a_val_split(exported, tmp_path):
-    root, _ = exported
+def _altered_prepared(root: Path, tmp_path: Path, name: str, text: str) -> Path:
+    """A copy of the fixture's prepared folder (same images) with file ``name`` replaced."""
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    for name in ("summary.json", "classes.json"):
-        (prepared / name).write_bytes((root / "prepared" / name).read_bytes())
+    for file in ("summary.json", "classes.json", "manifest.csv"):
+        (prepared / file).write_bytes((root / "prepared" / file).read_bytes())
+    (prepared / name).write_text(text)
+    return prepared
+
+
+def test_temperature_needs_a_val_split(exported, tmp_path):
+    root, _ = exported
     text = (root / "prepared" / "manifest.csv").read_text()
-    (prepared / "manifest.csv").write_text(text.replace(",val,", ",train,"))
+    prepared = _altered_prepared(root, tmp_path, "manifest.csv", text.replace(",val,", ",train,"))
     params = tmp_path / "params.yaml"
     params.write_text("export:\n  variants: []\n")
     result = CliRunner().invoke(main, ["export", "--params", str(params), "--model",
@@ -343,3 +350,61 @@ def test_export_params_reject_unknown_variant():
     with pytest.raises(ParamsError, match=r"export.variants\[0\] must be one of 'fp16', 'int8'"):
         parse_section(ExportParams, {"variants": ["bf16"]}, "export")
     assert dataclasses.replace(ExportParams(), variants=()).variants == ()
+
+
+# --------------------------------------------------------------------------- interpret
+
+
+def test_interpret_lists_losses_of_the_shipped_model(exported, tmp_path):
+    from pipeline.interpret import InterpretParams
+    from pipeline.interpret import run as interpret
+
+    root, export_report = exported
+    params = InterpretParams(splits=("test", "train"), top_losses=5, most_confused=100,
+                             threads=2)
+    report = interpret(params, root / "out" / "model.onnx", root / "prepared", tmp_path / "out",
+                       tmp_path / "interpret.json")
+    assert json.loads((tmp_path / "interpret.json").read_text()) == report
+    test = report["splits"]["test"]
+    # the same ONNX file on the same test images as export's own check
+    assert test["accuracy"] == export_report["variants"]["fp32"]["test_accuracy"]
+    summary, classes, rows = read_prepared(root / "prepared")
+    model = OnnxClassifier(root / "out" / "model.onnx")
+    for split in ("test", "train"):
+        with open(tmp_path / "out" / f"{split}_losses.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+        expected = {r["path"]: r["label"] for r in rows if r["split"] == split}
+        assert {r["path"]: r["label"] for r in table} == expected  # every image, its label
+        losses = [float(r["loss"]) for r in table]
+        assert losses == sorted(losses, reverse=True)  # worst first
+        for r in table:
+            assert float(r["loss"]) == pytest.approx(-np.log(float(r["p_label"])), rel=1e-4)
+            assert (r["label"] == r["predicted"]) == (float(r["p_label"]) ==
+                                                      float(r["p_predicted"]))
+        s = report["splits"][split]
+        errors = sum(r["label"] != r["predicted"] for r in table)
+        assert s["errors"] == errors == sum(c["count"] for c in s["most_confused"])
+        assert s["accuracy"] == pytest.approx(1 - errors / len(table))
+        assert (tmp_path / "out" / f"{split}_top_losses.png").read_bytes()[:4] == b"\x89PNG"
+    # p_label is the model's probability of the manifest label for that image
+    first = next(iter(csv.DictReader(open(tmp_path / "out" / "test_losses.csv"))))
+    base = image_root(root / "prepared", summary)
+    probs = model.probabilities(model.prepare(Image.open(base / first["path"]).convert("RGB"))[None])
+    assert float(first["p_label"]) == pytest.approx(probs[0, classes.index(first["label"])],
+                                                    rel=1e-4)
+
+
+def test_interpret_cli_refuses_a_model_for_other_classes(exported, tmp_path):
+    root, _ = exported
+    prepared = _altered_prepared(root, tmp_path, "classes.json", json.dumps(list("abcdefghij")))
+    params = tmp_path / "params.yaml"
+    params.write_text("interpret:\n  splits: [test]\n")
+    result = CliRunner().invoke(main, ["interpret", "--params", str(params), "--model",
+                                       str(root / "out" / "model.onnx"), "--prepared",
+                                       str(prepared), "--out", str(tmp_path / "out"),
+                                       "--metrics", str(tmp_path / "m.json")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "classes differ" in result.output and not (tmp_path / "out").exists()
+    params.write_text("interpret:\n  splits: [holdout]\n")
+    result = CliRunner().invoke(main, ["interpret", "--params", str(params)])
+    assert result.exit_code != 0 and "interpret.splits" in result.output

@@ -340,6 +340,48 @@ def test_sweep_and_bench_write_their_reports(project, tmp_path):
         <= gflop / max(pass_s - 5e-4, 1e-9) + 0.01
 
 
+@pytest.mark.slow
+def test_noise_check_flips_train_labels_and_ranks_them(project, tmp_path):
+    from pipeline import noise_check, sweep
+    from pipeline.features import FeaturesParams as FP
+
+    _, classes, rows = read_prepared(project / "prepared")
+    noisy, flipped = noise_check.flip_labels(rows, classes, 4, seed=3)
+    assert len(flipped) == 4 and noise_check.flip_labels(rows, classes, 4, seed=3)[1] == flipped
+    by_path = {r["path"]: r for r in rows}
+    for path, (true, new) in flipped.items():
+        assert by_path[path]["split"] == "train" and by_path[path]["label"] == true != new
+    assert sum(a != b for a, b in zip(rows, noisy)) == 4  # nothing else changes
+    with pytest.raises(PipelineError, match="--flips must be between 1 and"):
+        noise_check.flip_labels(rows, classes, 10_000, seed=0)
+
+    cfg = sweep.SweepConfig(TINY, FP(batch_size=16, threads=2),
+                            TrainHeadParams(epochs=5, threads=2),
+                            dataclasses.replace(FAST, epochs=1, warmup_epochs=0))
+    report = noise_check.run(cfg, project / "prepared", tmp_path / "noise.json", flips=4,
+                             seed=3, threads=2)
+    assert json.loads((tmp_path / "noise.json").read_text()) == report
+    train = sum(r["split"] == "train" for r in rows)
+    for name in ("head_only", "finetuned"):
+        m = report["models"][name]
+        assert m["train_images"] == train and m["flipped"] == 4
+        assert len(m["ranks"]) == 4 and all(1 <= r <= train for r in m["ranks"])
+        assert m["recall_at_4"] == sum(r <= 4 for r in m["ranks"]) / 4
+        assert m["random_recall_at_8"] == 8 / train and 0 <= m["test_accuracy"] <= 1
+
+
+def test_noise_check_ranking_figures(tmp_path):
+    from pipeline.noise_check import ranking_figures
+
+    table = tmp_path / "train_losses.csv"
+    table.write_text("path,label,predicted,p_label,p_predicted,loss\n" +
+                     "".join(f"{i}.png,0,0,0.5,0.5,{10 - i}\n" for i in range(10)))
+    figures = ranking_figures(table, {"0.png": ("0", "1"), "3.png": ("0", "2")})
+    assert figures["ranks"] == [1, 4] and figures["median_rank"] == 2.5
+    assert (figures["recall_at_2"], figures["recall_at_4"]) == (0.5, 1.0)
+    assert (figures["random_recall_at_2"], figures["random_recall_at_4"]) == (0.2, 0.4)
+
+
 def test_sweep_recommends_best_val_then_fewest_parameters_then_first_lr():
     from pipeline.sweep import recommend
 
