@@ -49,7 +49,7 @@ from . import __version__
 from .atomic import atomic_file, write_json, write_text
 from .bench_stages import _cpu_name
 from .errors import PipelineError
-from .imageio import load_rgb
+from .imageio import load_prepared_rgb
 from .onnx_utils import cuda_tf32_option
 from .params import as_dict, param
 from .prepare import image_root, read_prepared
@@ -491,7 +491,8 @@ def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
         raise PipelineError(f"{prepared_dir}: the test split is empty")
     from .preprocess import resize_and_crop
 
-    pixels = np.stack([resize_and_crop(load_rgb(root / r["path"]), contract.preprocessing)
+    pixels = np.stack([resize_and_crop(load_prepared_rgb(root / r["path"]),
+                                       contract.preprocessing)
                        for r in test])
     labels = np.array([contract.classes.index(r["label"]) for r in test])
     base = {"model": model_path.name, "threads": threads}

@@ -453,6 +453,29 @@ def _sweep_config(params_path: str) -> Any:
                        read_section(params_path, FinetuneParams, "finetune"))
 
 
+@main.command("lr-find")
+@PARAMS_OPTION
+@click.option("--features", "features_dir", default="data/features", show_default=True,
+              type=click.Path(), help="feature cache written by `pipeline features`")
+@click.option("--lr-min", default=1e-6, show_default=True,
+              type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr-max", default=10.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True))
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(3))
+@click.option("--out", default="reports/lr_find", show_default=True,
+              type=click.Path(file_okay=False))
+@friendly_errors
+def lr_find(params_path: str, features_dir: str, lr_min: float, lr_max: float, steps: int,
+            out: str) -> None:
+    """LR range test for the head on cached features, each suggestion checked by training."""
+    from .lr_find import run
+    from .params import read_section
+    from .train_head import TrainHeadParams
+
+    run(read_section(params_path, TrainHeadParams, "train_head"), features_dir, out, lr_min,
+        lr_max, steps)
+
+
 @main.command("noise-check")
 @PARAMS_OPTION
 @PREPARED_OPTION

@@ -40,7 +40,7 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_dir, atomic_file, write_csv, write_json
 from .errors import PipelineError
-from .imageio import load_rgb
+from .imageio import load_prepared_rgb
 from .params import param
 from .prepare import image_root, read_prepared
 from .preprocess import Preprocessing, normalize, resize_and_crop
@@ -228,7 +228,7 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray,
 
 
 def _images(paths: list[Path], pp: Preprocessing, max_pixels: int) -> np.ndarray:
-    return np.stack([resize_and_crop(load_rgb(p, max_pixels=max_pixels), pp) for p in paths])
+    return np.stack([resize_and_crop(load_prepared_rgb(p, max_pixels=max_pixels), pp) for p in paths])
 
 
 def _run_ort(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preprocessing,

@@ -19,7 +19,7 @@ import numpy as np
 
 from .augment import Augment, augment, view_rng
 from .errors import ParamsError, PipelineError
-from .imageio import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
+from .imageio import DEFAULT_MAX_PIXELS, load_prepared_rgb
 from .params import param
 from .preprocess import Preprocessing, normalize, resize_and_crop
 
@@ -67,11 +67,7 @@ class FinetuneParams:
 def view_pixels(path: Path, pp: Preprocessing, policy: Augment, seed: int, image: int,
                 view: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """One network input (float32 CHW): shared preprocessing, then the seeded augmentation."""
-    try:
-        pixels = resize_and_crop(load_rgb(path, max_pixels=max_pixels), pp)
-    except ImageRejected as exc:
-        raise PipelineError(f"{path}: {exc} (the image changed after prepare; re-run prepare)") \
-            from None
+    pixels = resize_and_crop(load_prepared_rgb(path, max_pixels=max_pixels), pp)
     if policy != "none":
         pixels = augment(pixels, policy, view_rng(seed, image, view))
     return normalize(pixels, pp)

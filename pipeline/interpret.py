@@ -29,7 +29,7 @@ import numpy as np
 
 from .atomic import atomic_dir, write_json
 from .errors import PipelineError
-from .imageio import load_rgb
+from .imageio import load_prepared_rgb
 from .params import param
 from .prepare import image_root, read_prepared
 
@@ -52,7 +52,7 @@ def split_probabilities(classifier: Any, paths: list[Path], batch_size: int,
     """Probabilities of the exported model for each image (rows in input order; not empty)."""
     probs = []
     for start in range(0, len(paths), batch_size):
-        batch = [classifier.prepare(load_rgb(p, max_pixels=max_pixels))
+        batch = [classifier.prepare(load_prepared_rgb(p, max_pixels=max_pixels))
                  for p in paths[start:start + batch_size]]
         probs.append(classifier.probabilities(np.stack(batch)))
     return np.concatenate(probs).astype(np.float64)
@@ -72,7 +72,7 @@ def contact_sheet(entries: list[dict[str, Any]], root: Path, max_pixels: int, ti
     for ax in axes.flat:
         ax.axis("off")
     for ax, e in zip(axes.flat, entries):
-        image = load_rgb(root / e["path"], max_pixels=max_pixels)
+        image = load_prepared_rgb(root / e["path"], max_pixels=max_pixels)
         image.thumbnail((256, 256))
         ax.imshow(np.asarray(image), interpolation="nearest")
         ax.set_title(f"{e['label']} -> {e['predicted']}\np(label) {e['p_label']:.3f}, "

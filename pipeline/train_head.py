@@ -81,6 +81,26 @@ def train_step(head: Any, optimizer: Any, x: Any, y: Any, weight: Any = None,
     return float(loss.detach())
 
 
+def new_head(xt: Any, train_y: np.ndarray, num_classes: int,
+             params: TrainHeadParams) -> tuple[Any, Any]:
+    """A freshly initialised head (seeded by the caller) that normalises with the training
+    features' mean/std, and the class weights of the loss (None without weighting)."""
+    import torch
+
+    from .heads import Head, HeadConfig
+
+    head = Head(HeadConfig(params.head, xt.shape[1], num_classes, params.hidden_dim,
+                           params.dropout))
+    head.feature_mean.copy_(xt.mean(0))
+    std = xt.std(0, unbiased=False)
+    # a channel (nearly) constant on clean training images must not be blown up on other
+    # images (augmented views in fine-tuning, the user's photos after deployment)
+    head.feature_std.copy_(std.clamp_min(max(float(std.mean()) * params.std_floor, 1e-6)))
+    weight = (torch.from_numpy(class_weights(train_y, num_classes))
+              if params.class_weighting == "balanced" else None)
+    return head, weight
+
+
 @dataclass
 class TrainResult:
     head: Any
@@ -95,20 +115,10 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
     import torch
     import torch.nn.functional as F
 
-    from .heads import Head, HeadConfig
-
     torch.manual_seed(params.seed)
     xt, yt = torch.from_numpy(np.ascontiguousarray(train_x)), torch.from_numpy(train_y)
     xv, yv = torch.from_numpy(np.ascontiguousarray(val_x)), torch.from_numpy(val_y)
-    head = Head(HeadConfig(params.head, xt.shape[1], num_classes, params.hidden_dim,
-                           params.dropout))
-    head.feature_mean.copy_(xt.mean(0))
-    std = xt.std(0, unbiased=False)
-    # a channel (nearly) constant on clean training images must not be blown up on other
-    # images (augmented views in fine-tuning, the user's photos after deployment)
-    head.feature_std.copy_(std.clamp_min(max(float(std.mean()) * params.std_floor, 1e-6)))
-    weight = (torch.from_numpy(class_weights(train_y, num_classes))
-              if params.class_weighting == "balanced" else None)
+    head, weight = new_head(xt, train_y, num_classes, params)
     optimizer = torch.optim.AdamW(head.parameters(), lr=params.lr,
                                   weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(xt) / params.batch_size)
@@ -143,7 +153,9 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
             stale += 1
             if params.patience and stale >= params.patience:
                 break
-    assert best_state is not None
+    if best_state is None:
+        raise PipelineError(f"train_head: the val loss was never finite at lr {params.lr:g} "
+                            "(training diverged); lower train_head.lr")
     head.load_state_dict(best_state)
     return TrainResult(head.eval(), history, best_epoch, time.perf_counter() - started)
 

@@ -45,6 +45,10 @@ export:
   # than the 1-point limit that the full default data meets (metrics/export.json)
   int8_max_accuracy_drop: 0.3
   threads: 2
+interpret:
+  splits: [test, train]
+  top_losses: 4
+  threads: 2
 bench:
   providers: [cpu, cuda]
   variants: [fp32, int8]

@@ -408,3 +408,25 @@ def test_interpret_cli_refuses_a_model_for_other_classes(exported, tmp_path):
     params.write_text("interpret:\n  splits: [holdout]\n")
     result = CliRunner().invoke(main, ["interpret", "--params", str(params)])
     assert result.exit_code != 0 and "interpret.splits" in result.output
+
+
+def test_interpret_names_an_image_that_changed_after_prepare(exported, tmp_path):
+    import shutil
+
+    root, _ = exported
+    summary, _, rows = read_prepared(root / "prepared")
+    images = tmp_path / "images"
+    shutil.copytree(image_root(root / "prepared", summary), images)
+    broken = next(r["path"] for r in rows if r["split"] == "test")
+    (images / broken).write_bytes(b"truncated")
+    prepared = _altered_prepared(root, tmp_path, "summary.json",
+                                 json.dumps({**summary, "root": str(images)}))
+    (tmp_path / "params.yaml").write_text("interpret:\n  splits: [test]\n")
+    result = CliRunner().invoke(main, ["interpret", "--params", str(tmp_path / "params.yaml"),
+                                       "--model", str(root / "out" / "model.onnx"),
+                                       "--prepared", str(prepared), "--out",
+                                       str(tmp_path / "out"), "--metrics",
+                                       str(tmp_path / "m.json")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert broken in result.output and "re-run prepare" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()

@@ -370,6 +370,38 @@ def test_noise_check_flips_train_labels_and_ranks_them(project, tmp_path):
         assert m["random_recall_at_8"] == 8 / train and 0 <= m["test_accuracy"] <= 1
 
 
+def test_lr_find_cli_checks_each_suggestion_by_training(project, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.features import load_cache
+    from pipeline.train_head import fit_head
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train_head:\n  epochs: 5\n  threads: 2\n")
+    result = CliRunner().invoke(main, ["lr-find", "--params", str(params), "--features",
+                                       str(project / "features"), "--steps", "30",
+                                       "--out", str(tmp_path / "lr")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
+    assert (tmp_path / "lr" / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    assert [c["lr_from"] for c in report["checked_by_training"]] == \
+        ["train_head.lr", "minimum_over_10", "steepest"]
+    # each check is the real head training at that LR (deterministic: same figures again)
+    cache = load_cache(project / "features")
+    for check in report["checked_by_training"]:
+        trained = fit_head(*cache.split("train"), *cache.split("val"), 10,
+                           TrainHeadParams(epochs=5, threads=2, lr=check["lr"]))
+        assert check["best_epoch"] == trained.best_epoch
+        assert check["val_loss"] == trained.history[trained.best_epoch - 1]["val_loss"]
+    assert "lr-find: train_head.lr" in result.output
+    bad = CliRunner().invoke(main, ["lr-find", "--params", str(params), "--features",
+                                    str(project / "features"), "--lr-min", "1", "--lr-max",
+                                    "0.1", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "--lr-min must be > 0 and below --lr-max" in bad.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_noise_check_ranking_figures(tmp_path):
     from pipeline.noise_check import ranking_figures
 

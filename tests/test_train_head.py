@@ -97,3 +97,36 @@ def test_label_smoothing_and_weighting_change_training():
 def test_missing_cache_is_clear(tmp_path):
     with pytest.raises(PipelineError, match="run `pipeline features` first"):
         run_to(tmp_path, TrainHeadParams())
+
+
+def _blobs(n: int = 400, dim: int = 16, seed: int = 0):
+    """Three overlapping Gaussian classes: a linear head can learn them, but not perfectly."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    centres = rng.normal(0, 0.5, (3, dim))
+    return (centres[y] + rng.normal(0, 1, (n, dim))).astype(np.float32), y.astype(np.int64)
+
+
+def test_lr_range_test_grows_the_lr_stops_on_divergence_and_suggests_inside_the_range():
+    from pipeline.lr_find import range_test, suggestions
+
+    x, y = _blobs()
+    params = TrainHeadParams(batch_size=32, threads=1)
+    curve = range_test(x, y, 3, params, 1e-5, 1e4, 150)
+    lrs, smoothed = np.array(curve["lr"]), np.array(curve["smoothed_loss"])
+    assert lrs[0] == pytest.approx(1e-5) and np.allclose(lrs[1:] / lrs[:-1], 1e9 ** (1 / 149))
+    assert smoothed[0] == pytest.approx(curve["loss"][0])  # bias-corrected moving average
+    # the loss falls, then blows up before 1e4: the test stops once it is 4x its minimum
+    lowest = int(np.argmin(smoothed))
+    assert 0 < lowest < len(lrs) - 1 and smoothed[lowest] < 0.7 * smoothed[0]
+    assert len(lrs) < 150 and smoothed[-1] > 4 * smoothed[lowest] >= smoothed[-2]
+    found = suggestions(curve)
+    assert found["minimum_over_10"] == pytest.approx(lrs[lowest] / 10)
+    assert lrs[0] <= found["steepest"] <= lrs[lowest]  # the steepest fall is before the minimum
+    assert range_test(x, y, 3, params, 1e-5, 1e4, 150) == curve  # seeded: the same curve
+
+
+def test_a_diverging_head_lr_is_a_one_line_error():
+    x, y = _blobs()
+    with pytest.raises(PipelineError, match="lower train_head.lr"):
+        fit_head(x, y, x, y, 3, TrainHeadParams(lr=1e30, epochs=2, warmup_epochs=0, threads=1))
