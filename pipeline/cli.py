@@ -60,7 +60,7 @@ def main() -> None:
 
     Stages (chained by dvc.yaml, run them all with `dvc repro`):
     prepare -> features -> train-head -> cut-cache -> finetune -> export -> interpret,
-    bench.
+    bench -> card.
     """
 
 
@@ -451,6 +451,34 @@ def _sweep_config(params_path: str) -> Any:
                        read_section(params_path, FeaturesParams, "features"),
                        read_section(params_path, TrainHeadParams, "train_head"),
                        read_section(params_path, FinetuneParams, "finetune"))
+
+
+@main.command()
+@click.option("--model", default="models/model.onnx", show_default=True,
+              type=click.Path(dir_okay=False), help="ONNX model written by `pipeline export`")
+@click.option("--config", default="models/model.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@PREPARED_OPTION
+@click.option("--head-metrics", default="metrics/head.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--finetune-metrics", default="metrics/finetune.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--export-metrics", default="metrics/export.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--interpret-metrics", default="metrics/interpret.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--bench", "bench_report", default="reports/bench.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--out", default="reports/model_card.md", show_default=True,
+              type=click.Path(dir_okay=False))
+@friendly_errors
+def card(model: str, config: str, prepared: str, head_metrics: str, finetune_metrics: str,
+         export_metrics: str, interpret_metrics: str, bench_report: str, out: str) -> None:
+    """Write the model card (Markdown) from the outputs of the other stages."""
+    from .card import run
+
+    run(model, config, prepared, out, head_metrics, finetune_metrics, export_metrics,
+        interpret_metrics, bench_report)
 
 
 @main.command("lr-find")

@@ -37,8 +37,27 @@ def export_module(model: Any, example: Any, path: str | Path, *, input_name: str
         raise PipelineError(f"ONNX export of {type(model).__name__} failed: "
                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") \
             from None
+    model_proto = onnx.load(str(path))
+    strip_debug_info(model_proto)
+    onnx.save_model(model_proto, str(path), save_as_external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def strip_debug_info(model: Any) -> None:
+    """Drop the exporter's per-node debug metadata (Python stack traces with this machine's
+    absolute paths, FX node dumps, module scopes): the graph is unchanged, the file no longer
+    depends on where the package is installed, and it is smaller."""
+    graphs = [model.graph] + [f for f in model.functions]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
 
 
 def _forward_arg_names(model: Any) -> list[str]:

@@ -60,6 +60,10 @@ bench:
 """
 
 
+def finetuned_test_accuracy(root):
+    return json.loads((root / "metrics" / "finetune.json").read_text())["test"]["accuracy"]
+
+
 def sh(args, cwd, env):
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
@@ -95,6 +99,8 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     assert interpreted["splits"]["test"]["accuracy"] == exported["variants"]["fp32"]["test_accuracy"]
     assert interpreted["splits"]["train"]["images"] == 120  # 10 digits x 12 training images
     assert (tmp_path / "reports" / "interpret" / "train_top_losses.png").is_file()
+    card = (tmp_path / "reports" / "model_card.md").read_text()
+    assert f"Test: {finetuned_test_accuracy(tmp_path):.4f} (" in card and "## Speed" in card
     assert (tmp_path / "models" / "variants" / "model.int8.onnx").is_file()
     bench = json.loads((tmp_path / "reports" / "bench.json").read_text())
     by_status = {(r["engine"], r["provider"], r["variant"], r["batch_size"]): r["status"]

@@ -63,6 +63,10 @@ def test_one_self_contained_file_with_metadata(exported):
     assert meta["training_manifest_sha256"] == summary["manifest_sha256"]
     assert json.loads(meta["outputs"]) == ["probabilities"]
     assert [o.name for o in model.graph.output] == ["probabilities"]
+    # no exporter debug info: no stack traces naming this machine's paths
+    raw = (root / "out" / "model.onnx").read_bytes()
+    assert str(REPO).encode() not in raw and b"stack_trace" not in raw
+    assert not any(node.metadata_props or node.doc_string for node in model.graph.node)
 
 
 def test_dynamic_batch_really_works(exported):
@@ -430,3 +434,54 @@ def test_interpret_names_an_image_that_changed_after_prepare(exported, tmp_path)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert broken in result.output and "re-run prepare" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def test_wilson_interval_known_values():
+    from pipeline.card import wilson_interval
+
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_card_reads_every_figure_from_the_stage_outputs(exported, tmp_path):
+    import hashlib
+
+    root, export_report = exported
+    (root / "export.json").write_text(json.dumps(export_report))
+    result = CliRunner().invoke(main, [
+        "card", "--model", str(root / "out" / "model.onnx"), "--config",
+        str(root / "model.json"), "--prepared", str(root / "prepared"), "--head-metrics",
+        str(root / "hm.json"), "--finetune-metrics", str(root / "fm.json"), "--export-metrics",
+        str(root / "export.json"), "--interpret-metrics", str(tmp_path / "none.json"),
+        "--bench", str(tmp_path / "none.json"), "--out", str(tmp_path / "card.md")])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "card.md").read_text()
+    finetuned = json.loads((root / "fm.json").read_text())
+    test = finetuned["test"]
+    n = test["num_samples"]
+    assert f"* Test: {test['accuracy']:.4f} ({round(test['accuracy'] * n)}/{n}; 95 % CI" in card
+    assert hashlib.sha256((root / "out" / "model.onnx").read_bytes()).hexdigest() in card
+    t = export_report["calibration"]["temperature"]
+    assert f"softmax(logits / {t:.4g})" in card and f"T = {t:.4g}" in card
+    assert f"the last {finetuned['blocks']} of {finetuned['num_block_groups']} block groups" \
+        in card
+    for name in ("fp32", "fp16", "int8"):
+        v = export_report["variants"][name]
+        assert f"| {name} | `{v['file']}` |" in card and f"{v['test_accuracy']:.4f} |" in card
+    assert "Not measured: `reports/bench.json` is missing" in card
+    assert "Most confused" not in card  # no interpret metrics: nothing is made up
+    assert len([line for line in card.splitlines() if line.startswith("| ") and
+                line.split(" | ")[0][2:] in [str(d) for d in range(10)]]) == 10
+
+    (tmp_path / "broken.json").write_text("{")
+    bad = CliRunner().invoke(main, [
+        "card", "--model", str(root / "out" / "model.onnx"), "--config",
+        str(root / "model.json"), "--prepared", str(root / "prepared"), "--head-metrics",
+        str(tmp_path / "broken.json"), "--out", str(tmp_path / "card2.md")])
+    assert bad.exit_code == 1 and "broken.json: not valid JSON" in bad.output
+    assert not (tmp_path / "card2.md").exists()
