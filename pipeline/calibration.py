@@ -120,14 +120,3 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray,
                              "before": calibration_figures(logits, labels, 1.0, bins),
                              "after": calibration_figures(logits, labels, temperature, bins)}
     return report
-
-
-def reliability_rows(logits: np.ndarray, labels: np.ndarray, temperature: float,
-                     bins: int) -> list[tuple[str, float, float, int]]:
-    """Rows for ``plots/calibration/reliability.csv``: (probabilities, confidence, accuracy,
-    count) for the uncalibrated and the calibrated model on one split."""
-    rows = []
-    for name, t in (("uncalibrated", 1.0), ("calibrated", temperature)):
-        for r in reliability(softmax(logits, t), labels, bins):
-            rows.append((name, round(r["confidence"], 6), round(r["accuracy"], 6), r["count"]))
-    return rows

@@ -81,8 +81,9 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
               f"* Outputs: {', '.join(json.loads(meta['outputs']))}, one column per class in "
               f"this order: {', '.join(classes)}."]
     if meta.get("probability_calibration") == "temperature":
-        lines.append(f"* Probabilities are calibrated: softmax(logits / {float(meta['temperature']):.4g}), "
-                     "the temperature fitted on the val split.")
+        t = float(meta["temperature"])
+        lines.append(f"* Probabilities are calibrated: softmax(logits / {t:.4g}), the "
+                     "temperature fitted on the val split.")
     else:
         lines.append("* Probabilities are the plain softmax (not calibrated).")
     lines.append("")
@@ -145,7 +146,8 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
 
     if export:
         lines += ["## Export variants (checked against PyTorch on the test split)", "",
-                  "| variant | file | MB | top-1 agreement | test accuracy |", "|---|---|---|---|---|"]
+                  "| variant | file | MB | top-1 agreement | test accuracy |",
+                  "|---|---|---|---|---|"]
         for name, v in export["variants"].items():
             lines.append(f"| {name} | `{v['file']}` | {v['bytes'] / 1e6:.1f} | "
                          f"{v['top1_agreement']:.4f} | {v['test_accuracy']:.4f} |")

@@ -228,7 +228,8 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray,
 
 
 def _images(paths: list[Path], pp: Preprocessing, max_pixels: int) -> np.ndarray:
-    return np.stack([resize_and_crop(load_prepared_rgb(p, max_pixels=max_pixels), pp) for p in paths])
+    return np.stack([resize_and_crop(load_prepared_rgb(p, max_pixels=max_pixels), pp)
+                     for p in paths])
 
 
 def _run_ort(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preprocessing,

@@ -53,7 +53,7 @@ from .evaluation import classification_report
 from .finetune_data import FinetuneParams, check_same_backbone, image_batches, sequential_batches
 from .heads import Head, HeadConfig, load_head
 from .params import as_dict
-from .prepare import image_root, read_prepared
+from .prepare import image_root, read_prepared, sha256_file
 from .preprocess import Preprocessing
 from .runtime import resolve_threads, set_cuda_tf32
 from .train_head import class_weights, lr_factor
@@ -419,10 +419,6 @@ def load_model(weights_path: str | Path, config_path: str | Path) -> tuple[Class
     return model, config
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # --------------------------------------------------------------------------- stage
 
 
@@ -481,7 +477,7 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
     if params.enabled:
         resume_key = hashlib.sha256(json.dumps({
             "params": as_dict(params), "threads": threads, "backbone": backbone.describe(),
-            "manifest": summary["manifest_sha256"], "head": _sha256(Path(head_model)),
+            "manifest": summary["manifest_sha256"], "head": sha256_file(Path(head_model)),
             "cache": cache_meta, "warm_start_candidate": warm_start_candidate,
         }, sort_keys=True, default=str).encode()).hexdigest()
         result = fit(split, head, source, params, len(classes), _resume_path(model_path),

@@ -14,7 +14,7 @@ On the **test** split these are the model's mistakes, worst first. On the **trai
 highest losses are the images the model, having trained on them, still disagrees with: the
 first place to look for mislabeled or ambiguous training images before the next run.
 
-Run: ``pipeline interpret --model models/model.onnx --prepared data/prepared --out reports/interpret``
+Run: ``pipeline interpret --model models/model.onnx --out reports/interpret``
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ from .features import load_cache
 from .runtime import resolve_threads
 from .train_head import TrainHeadParams, fit_head, new_head, train_step
 
-SMOOTHING = 0.9  # lighter than fastai's 0.98, which lags the raw loss by ~3 LR decades over 100 steps
+# lighter than fastai's 0.98, which lags the raw loss by ~3 LR decades over 100 steps
+SMOOTHING = 0.9
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
 
 
