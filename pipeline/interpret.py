@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, write_csv, write_json
 from .errors import PipelineError
 from .imageio import load_prepared_rgb
 from .params import param
@@ -87,8 +87,6 @@ def contact_sheet(entries: list[dict[str, Any]], root: Path, max_pixels: int, ti
 def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Path,
         out_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
     """Interpret the exported model on ``params.splits``; write ``out_dir`` and metrics."""
-    import csv
-
     from .runner import OnnxClassifier
 
     classifier = OnnxClassifier(model_path, ["cpu"], params.threads)
@@ -120,11 +118,10 @@ def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Pat
                         "predicted": classes[predicted[i]], "p_label": float(p_label[i]),
                         "p_predicted": float(probs[i, predicted[i]]), "loss": float(loss[i])}
                        for i in order]
-            with open(tmp / f"{split}_losses.csv", "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(("path", "label", "predicted", "p_label", "p_predicted", "loss"))
-                writer.writerows((e["path"], e["label"], e["predicted"], f"{e['p_label']:.6g}",
-                                  f"{e['p_predicted']:.6g}", f"{e['loss']:.6g}") for e in entries)
+            write_csv(tmp / f"{split}_losses.csv",
+                      ("path", "label", "predicted", "p_label", "p_predicted", "loss"),
+                      ((e["path"], e["label"], e["predicted"], f"{e['p_label']:.6g}",
+                        f"{e['p_predicted']:.6g}", f"{e['loss']:.6g}") for e in entries))
             top = entries[:params.top_losses]
             contact_sheet(top, root, max_pixels, f"{split}: {len(top)} highest losses of "
                           f"{len(entries)} ({Path(model_path).name})",
