@@ -12,22 +12,23 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
-from .errors import PipelineError
+from . import DISTRIBUTION, __version__
+from .core.errors import PipelineError
+from .core.paths import PATHS
 
-PARAMS_OPTION = click.option("--params", "params_path", default="params.yaml", show_default=True,
+PARAMS_OPTION = click.option("--params", "params_path", default=str(PATHS.params), show_default=True,
                              type=click.Path(dir_okay=False),
                              help="params file whose sections configure the stage")
 
-PREPARED_OPTION = click.option("--prepared", default="data/prepared", show_default=True,
+PREPARED_OPTION = click.option("--prepared", default=str(PATHS.prepared), show_default=True,
                                type=click.Path(), help="output folder of `pipeline prepare`")
-CUT_CACHE_OPTION = click.option("--cut-cache", "cut_cache_dir", default="data/cut_cache",
+CUT_CACHE_OPTION = click.option("--cut-cache", "cut_cache_dir", default=str(PATHS.cut_cache),
                                 show_default=True, type=click.Path(),
                                 help="folder written by `pipeline cut-cache`")
-HEAD_OPTION = click.option("--head", "head_model", default="models/head.safetensors",
+HEAD_OPTION = click.option("--head", "head_model", default=str(PATHS.head),
                            show_default=True, type=click.Path(dir_okay=False),
                            help="head weights from `pipeline train-head`")
-HEAD_CONFIG_OPTION = click.option("--head-config", default="models/head.json",
+HEAD_CONFIG_OPTION = click.option("--head-config", default=str(PATHS.head_config),
                                   show_default=True, type=click.Path(dir_okay=False),
                                   help="head config from `pipeline train-head`")
 
@@ -54,7 +55,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="pipeline")
+@click.version_option(__version__, prog_name="pipeline",
+                      message=f"%(prog)s (distribution {DISTRIBUTION}) %(version)s")
 def main() -> None:
     """Transfer learning for image classification, from a folder of images to one ONNX file.
 
@@ -66,15 +68,16 @@ def main() -> None:
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--out", default="data/prepared", show_default=True, type=click.Path(),
+@click.option("--out", default=str(PATHS.prepared), show_default=True, type=click.Path(),
               help="output folder: manifest.csv, classes.json, rejected.csv, summary.json")
 @friendly_errors
 def prepare(params_path: str, out: str) -> None:
     """Scan, validate and split the images (params: prepare.*)."""
-    from .params import read_section
-    from .prepare import PrepareParams, run
+    from .core.config import load_params
+    from .stages.prepare import run
 
-    params = read_section(params_path, PrepareParams, "prepare")
+    sections = load_params(params_path, "prepare")
+    params = sections["prepare"]
     summary = run(params, out)
     click.echo(f"prepare: {summary['num_images']} images in {summary['num_classes']} classes "
                f"(train/val/test {'/'.join(str(v) for v in summary['split_counts'].values())}), "
@@ -87,26 +90,29 @@ def prepare(params_path: str, out: str) -> None:
 @main.command()
 @PARAMS_OPTION
 @PREPARED_OPTION
-@click.option("--out", default="data/features", show_default=True, type=click.Path(),
+@click.option("--out", default=str(PATHS.features), show_default=True, type=click.Path(),
               help="feature cache folder to write")
-@click.option("--metrics", default="metrics/features.json", show_default=True,
+@click.option("--metrics", default=str(PATHS.metrics_file("features")), show_default=True,
+              type=click.Path(dir_okay=False), help="headline figure: backbone img/s (JSON)")
+@click.option("--report", default=str(PATHS.report_file("features")), show_default=True,
               type=click.Path(dir_okay=False), help="timings of this run (JSON)")
 @friendly_errors
-def features(params_path: str, prepared: str, out: str, metrics: str) -> None:
+def features(params_path: str, prepared: str, out: str, metrics: str, report: str) -> None:
     """Run the frozen backbone once and cache features (params: backbone.*, features.*)."""
-    from .backbones import BackboneParams
-    from .distributed import LauncherParams, relaunch
-    from .features import FeaturesParams, run
-    from .params import read_section
+    from .core.config import load_params
+    from .core.distributed import relaunch
+    from .stages.features import run
 
-    backbone = read_section(params_path, BackboneParams, "backbone")
-    params = read_section(params_path, FeaturesParams, "features")
-    launcher = read_section(params_path, LauncherParams, "launcher")
+    sections = load_params(params_path, "backbone", "features", "launcher")
+    backbone = sections["backbone"]
+    params = sections["features"]
+    launcher = sections["launcher"]
     code = relaunch(launcher, ["features", "--params", params_path, "--prepared", prepared,
-                               "--out", out, "--metrics", metrics])
+                               "--out", out, "--metrics", metrics, "--report", report])
     if code is not None:
         raise SystemExit(code)
-    result = run(backbone, params, prepared, out, metrics, backend=launcher.backend)
+    result = run(backbone, params, prepared, out, report, backend=launcher.backend,
+                 metrics_path=metrics)
     if is_main_process():
         click.echo(f"features: {result['images']} images, {result['images_per_second_backbone']}"
                    f" img/s on {result['provider']} ({result['threads']} threads, "
@@ -115,42 +121,44 @@ def features(params_path: str, prepared: str, out: str, metrics: str) -> None:
 
 @main.command("train-head")
 @PARAMS_OPTION
-@click.option("--features", "features_dir", default="data/features", show_default=True,
+@click.option("--features", "features_dir", default=str(PATHS.features), show_default=True,
               type=click.Path(), help="feature cache written by `pipeline features`")
-@click.option("--model", default="models/head.safetensors", show_default=True,
+@click.option("--model", default=str(PATHS.head), show_default=True,
               type=click.Path(dir_okay=False), help="head weights to write (safetensors)")
-@click.option("--config", default="models/head.json", show_default=True,
+@click.option("--config", default=str(PATHS.head_config), show_default=True,
               type=click.Path(dir_okay=False), help="head config to write (JSON)")
-@click.option("--metrics", default="metrics/head.json", show_default=True,
-              type=click.Path(dir_okay=False), help="val/test metrics to write (JSON)")
-@click.option("--plots", default="plots/head", show_default=True, type=click.Path(),
+@click.option("--metrics", default=str(PATHS.metrics_file("head")), show_default=True,
+              type=click.Path(dir_okay=False), help="headline val/test figures (JSON)")
+@click.option("--report", default=str(PATHS.report_file("head")), show_default=True,
+              type=click.Path(dir_okay=False), help="val/test figures with per-class scores (JSON)")
+@click.option("--plots", default=str(PATHS.plots_dir("head")), show_default=True, type=click.Path(),
               help="folder for training.csv and confusion.csv")
 @friendly_errors
 def train_head(params_path: str, features_dir: str, model: str, config: str, metrics: str,
-               plots: str) -> None:
+               report: str, plots: str) -> None:
     """Train a classification head on cached features (params: train_head.*)."""
-    from .params import read_section
-    from .train_head import TrainHeadParams, run
+    from .core.config import load_params
+    from .stages.train_head import run
 
-    run(read_section(params_path, TrainHeadParams, "train_head"), features_dir, model, config,
-        metrics, plots)
+    sections = load_params(params_path, "train_head")
+    run(sections["train_head"], features_dir, model, config, report, plots,
+        metrics_path=metrics)
 
 
 @main.command("cut-cache")
 @PARAMS_OPTION
 @PREPARED_OPTION
-@click.option("--out", default="data/cut_cache", show_default=True, type=click.Path(),
+@click.option("--out", default=str(PATHS.cut_cache), show_default=True, type=click.Path(),
               help="cut cache folder to write")
 @friendly_errors
 def cut_cache(params_path: str, prepared: str, out: str) -> None:
     """Cache the frozen prefix's activations at the fine-tuning cut (params: finetune.*)."""
-    from .backbones import BackboneParams
-    from .cut_cache import run
-    from .finetune_data import FinetuneParams
-    from .params import read_section
+    from .core.config import load_params
+    from .stages.cut_cache import run
 
-    meta = run(read_section(params_path, BackboneParams, "backbone"),
-               read_section(params_path, FinetuneParams, "finetune"), prepared, out)
+    sections = load_params(params_path, "backbone", "finetune")
+    meta = run(sections["backbone"],
+               sections["finetune"], prepared, out)
     if meta.get("cached"):
         click.echo(f"cut-cache: {meta['split_counts']} images x views {meta['views']}, "
                    f"activations {meta['activation_shape']} ({meta['dtype']}) before "
@@ -166,88 +174,96 @@ def cut_cache(params_path: str, prepared: str, out: str) -> None:
 @CUT_CACHE_OPTION
 @HEAD_OPTION
 @HEAD_CONFIG_OPTION
-@click.option("--model", default="models/model.safetensors", show_default=True,
+@click.option("--model", default=str(PATHS.model), show_default=True,
               type=click.Path(dir_okay=False), help="backbone + head weights to write")
-@click.option("--config", default="models/model.json", show_default=True,
+@click.option("--config", default=str(PATHS.model_config), show_default=True,
               type=click.Path(dir_okay=False), help="model config to write (JSON)")
-@click.option("--metrics", default="metrics/finetune.json", show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--timing", default="metrics/finetune_timing.json", show_default=True,
+@click.option("--metrics", default=str(PATHS.metrics_file("finetune")), show_default=True,
+              type=click.Path(dir_okay=False), help="headline figures that DVC compares (JSON)")
+@click.option("--report", default=str(PATHS.report_file("finetune")), show_default=True,
+              type=click.Path(dir_okay=False), help="val/test figures with per-class scores (JSON)")
+@click.option("--timing", default=str(PATHS.finetune_timing), show_default=True,
               type=click.Path(dir_okay=False), help="seconds per epoch (varies between runs)")
-@click.option("--plots", default="plots/finetune", show_default=True, type=click.Path())
+@click.option("--plots", default=str(PATHS.plots_dir("finetune")), show_default=True, type=click.Path())
 @friendly_errors
 def finetune(params_path: str, prepared: str, cut_cache_dir: str, head_model: str,
-             head_config: str, model: str, config: str, metrics: str, timing: str,
+             head_config: str, model: str, config: str, metrics: str, report: str, timing: str,
              plots: str) -> None:
     """Fine-tune the last block group(s) with the head (params: backbone.*, finetune.*)."""
-    from .backbones import BackboneParams
-    from .finetune import run
-    from .finetune_data import FinetuneParams
-    from .params import read_section
+    from .core.config import load_params
+    from .core.distributed import relaunch
+    from .stages.finetune import run
 
-    from .distributed import LauncherParams, relaunch
-
-    backbone = read_section(params_path, BackboneParams, "backbone")
-    params = read_section(params_path, FinetuneParams, "finetune")
-    launcher = read_section(params_path, LauncherParams, "launcher")
+    sections = load_params(params_path, "backbone", "finetune", "launcher")
+    backbone = sections["backbone"]
+    params = sections["finetune"]
+    launcher = sections["launcher"]
     code = relaunch(launcher, [
         "finetune", "--params", params_path, "--prepared", prepared, "--cut-cache",
         cut_cache_dir, "--head", head_model, "--head-config", head_config, "--model", model,
-        "--config", config, "--metrics", metrics, "--timing", timing, "--plots", plots])
+        "--config", config, "--metrics", metrics, "--report", report, "--timing", timing,
+        "--plots", plots])
     if code is not None:
         raise SystemExit(code)
     run(backbone, params, prepared, cut_cache_dir, head_model, head_config, model, config,
-        metrics, plots, timing, backend=launcher.backend)
+        report, plots, timing, backend=launcher.backend, metrics_path=metrics)
 
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--model", default="models/model.safetensors", show_default=True,
+@click.option("--model", default=str(PATHS.model), show_default=True,
               type=click.Path(dir_okay=False), help="weights from `pipeline finetune`")
-@click.option("--config", default="models/model.json", show_default=True,
+@click.option("--config", default=str(PATHS.model_config), show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(),
+@click.option("--prepared", default=str(PATHS.prepared), show_default=True, type=click.Path(),
               help="test images for the checks, training images for INT8 calibration")
-@click.option("--out", default="models/model.onnx", show_default=True,
+@click.option("--out", default=str(PATHS.onnx), show_default=True,
               type=click.Path(dir_okay=False), help="the FP32 ONNX model to write")
-@click.option("--variants-dir", default="models/variants", show_default=True,
+@click.option("--variants-dir", default=str(PATHS.variants), show_default=True,
               type=click.Path(file_okay=False), help="folder for the FP16/INT8 variants")
-@click.option("--metrics", default="metrics/export.json", show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--plots", default="plots/calibration", show_default=True,
+@click.option("--metrics", default=str(PATHS.metrics_file("export")), show_default=True,
+              type=click.Path(dir_okay=False), help="headline figures that DVC compares (JSON)")
+@click.option("--report", default=str(PATHS.report_file("export")), show_default=True,
+              type=click.Path(dir_okay=False), help="every check, variant and calibration figure (JSON)")
+@click.option("--plots", default=str(PATHS.plots_dir("calibration")), show_default=True,
               type=click.Path(file_okay=False),
               help="reliability tables (test split) before and after calibration")
 @friendly_errors
 def export(params_path: str, model: str, config: str, prepared: str, out: str,
-           variants_dir: str, metrics: str, plots: str) -> None:
+           variants_dir: str, metrics: str, report: str, plots: str) -> None:
     """Export one self-describing ONNX file (+ FP16/INT8 variants) and check it (params: export.*)."""
-    from .export import ExportParams, run
-    from .params import read_section
+    from .core.config import load_params
+    from .stages.export import run
 
-    run(read_section(params_path, ExportParams, "export"), model, config, prepared, out,
-        variants_dir, metrics, plots)
+    sections = load_params(params_path, "export")
+    run(sections["export"], model, config, prepared, out, variants_dir, report, plots,
+        metrics_path=metrics)
 
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--model", default="models/model.onnx", show_default=True,
+@click.option("--model", default=str(PATHS.onnx), show_default=True,
               type=click.Path(dir_okay=False), help="ONNX model written by `pipeline export`")
 @PREPARED_OPTION
-@click.option("--out", default="reports/interpret", show_default=True,
+@click.option("--out", default=str(PATHS.interpret), show_default=True,
               type=click.Path(file_okay=False), help="folder for the loss tables and sheets")
-@click.option("--metrics", default="metrics/interpret.json", show_default=True,
-              type=click.Path(dir_okay=False))
+@click.option("--metrics", default=str(PATHS.metrics_file("interpret")), show_default=True,
+              type=click.Path(dir_okay=False), help="headline figures that DVC compares (JSON)")
+@click.option("--report", default=str(PATHS.report_file("interpret")), show_default=True,
+              type=click.Path(dir_okay=False), help="per-split accuracy, errors and most confused pairs (JSON)")
 @friendly_errors
-def interpret(params_path: str, model: str, prepared: str, out: str, metrics: str) -> None:
+def interpret(params_path: str, model: str, prepared: str, out: str, metrics: str,
+              report: str) -> None:
     """Top losses and most confused classes of the exported model (params: interpret.*)."""
-    from .interpret import InterpretParams, run
-    from .params import read_section
+    from .core.config import load_params
+    from .stages.interpret import run
 
-    run(read_section(params_path, InterpretParams, "interpret"), model, prepared, out, metrics)
+    sections = load_params(params_path, "interpret")
+    run(sections["interpret"], model, prepared, out, report, metrics_path=metrics)
 
 
 @main.command()
-@click.option("--model", default="models/model.onnx", show_default=True,
+@click.option("--model", default=str(PATHS.onnx), show_default=True,
               type=click.Path(dir_okay=False), help="ONNX model written by `pipeline export`")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1))
@@ -269,7 +285,7 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
     """
     import json
 
-    from .runner import OnnxClassifier, expand_inputs
+    from .onnx.runner import OnnxClassifier, expand_inputs
 
     classifier = OnnxClassifier(model, [p.strip() for p in providers.split(",") if p.strip()],
                                 threads)
@@ -304,27 +320,30 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
 
 @main.command()
 @PARAMS_OPTION
-@click.option("--model", default="models/model.onnx", show_default=True,
+@click.option("--model", default=str(PATHS.onnx), show_default=True,
               type=click.Path(dir_okay=False), help="FP32 ONNX model from `pipeline export`")
-@click.option("--variants-dir", default="models/variants", show_default=True,
+@click.option("--variants-dir", default=str(PATHS.variants), show_default=True,
               type=click.Path(file_okay=False), help="folder with model.fp16/int8.onnx")
-@click.option("--weights", default="models/model.safetensors", show_default=True,
+@click.option("--weights", default=str(PATHS.model), show_default=True,
               type=click.Path(dir_okay=False), help="PyTorch weights for the eager baseline")
-@click.option("--config", default="models/model.json", show_default=True,
+@click.option("--config", default=str(PATHS.model_config), show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--prepared", default="data/prepared", show_default=True, type=click.Path(),
+@click.option("--prepared", default=str(PATHS.prepared), show_default=True, type=click.Path(),
               help="test split for the accuracy column")
-@click.option("--out", default="reports", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default=str(PATHS.reports), show_default=True, type=click.Path(file_okay=False),
               help="folder for bench.json, bench.md and bench.png")
+@click.option("--metrics", default=str(PATHS.metrics_file("bench")), show_default=True,
+              type=click.Path(dir_okay=False), help="headline figure: best img/s (JSON)")
 @friendly_errors
 def bench(params_path: str, model: str, variants_dir: str, weights: str, config: str,
-          prepared: str, out: str) -> None:
+          prepared: str, out: str, metrics: str) -> None:
     """onnxruntime CPU/CUDA/TensorRT vs PyTorch eager: latency, throughput, accuracy, memory."""
-    from .bench import BenchParams, run
-    from .params import read_section
+    from .core.config import load_params
+    from .stages.bench import run
 
-    run(read_section(params_path, BenchParams, "bench"), model, variants_dir, weights, config,
-        prepared, out)
+    sections = load_params(params_path, "bench")
+    run(sections["bench"], model, variants_dir, weights, config, prepared, out,
+        metrics_path=metrics)
 
 
 @main.command("bench-features")
@@ -337,7 +356,7 @@ def bench(params_path: str, model: str, variants_dir: str, weights: str, config:
 @click.option("--threads", type=click.IntRange(0), default=None,
               help="threads for both engines (default: features.threads; 0 = all CPUs)")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
-@click.option("--out", default="reports/bench_features.json", show_default=True,
+@click.option("--out", default=str(PATHS.bench_features), show_default=True,
               type=click.Path(dir_okay=False))
 @friendly_errors
 def bench_features(params_path: str, prepared: str, images: int, batch_size: int | None,
@@ -345,18 +364,16 @@ def bench_features(params_path: str, prepared: str, images: int, batch_size: int
     """Time feature extraction (onnxruntime vs PyTorch eager) and head epochs (cached vs not)."""
     import dataclasses
 
-    from .backbones import BackboneParams
-    from .bench_stages import run
-    from .features import FeaturesParams
-    from .params import read_section
-    from .train_head import TrainHeadParams
+    from .core.config import load_params
+    from .tools.bench_features import run
 
-    features_params = read_section(params_path, FeaturesParams, "features")
+    sections = load_params(params_path, "features", "backbone", "train_head")
+    features_params = sections["features"]
     overrides = {k: v for k, v in (("batch_size", batch_size), ("threads", threads))
                  if v is not None}
     features_params = dataclasses.replace(features_params, **overrides)
-    run(read_section(params_path, BackboneParams, "backbone"), features_params,
-        read_section(params_path, TrainHeadParams, "train_head"), prepared, out,
+    run(sections["backbone"], features_params,
+        sections["train_head"], prepared, out,
         images=images, repeats=repeats)
 
 
@@ -370,22 +387,20 @@ def bench_features(params_path: str, prepared: str, images: int, batch_size: int
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(1),
               help="epochs per path (the median is reported)")
 @click.option("--blocks", default=None, help="override finetune.blocks")
-@click.option("--out", default="reports/bench_finetune.json", show_default=True,
+@click.option("--out", default=str(PATHS.bench_finetune), show_default=True,
               type=click.Path(dir_okay=False))
 @friendly_errors
 def bench_finetune(params_path: str, prepared: str, images: int, val_images: int, epochs: int,
                    blocks: str | None, out: str) -> None:
     """Time a fine-tuning epoch on the cut cache versus the classic path (same model, images)."""
-    from .backbones import BackboneParams
-    from .bench_finetune import run
-    from .finetune_data import FinetuneParams
-    from .params import parse_section, read_section, load_params_file
+    from .core.config import load_params
+    from .tools.bench_finetune import run
 
-    section = dict(load_params_file(params_path).get("finetune") or {})
-    if blocks is not None:
-        section["blocks"] = int(blocks) if blocks.isdigit() else blocks
-    params = parse_section(FinetuneParams, section, "finetune")
-    run(read_section(params_path, BackboneParams, "backbone"), params, prepared, out,
+    overrides = ({"finetune": {"blocks": int(blocks) if blocks.isdigit() else blocks}}
+                 if blocks is not None else None)
+    sections = load_params(params_path, "backbone", "finetune", overrides=overrides)
+    params = sections["finetune"]
+    run(sections["backbone"], params, prepared, out,
         images=images, val_images=val_images, epochs=epochs)
 
 
@@ -405,7 +420,7 @@ def _csv_list(kind: type) -> Callable[[Any, Any, str], list[Any]]:
 @main.command()
 @PARAMS_OPTION
 @PREPARED_OPTION
-@click.option("--features", "features_dir", default="data/features", show_default=True,
+@click.option("--features", "features_dir", default=str(PATHS.features), show_default=True,
               type=click.Path())
 @HEAD_OPTION
 @HEAD_CONFIG_OPTION
@@ -421,13 +436,13 @@ def _csv_list(kind: type) -> Callable[[Any, Any, str], list[Any]]:
 @click.option("--lr-backbone", "lr_backbones", default="", callback=_csv_list(float),
               help="fine-tuning LRs to try at every block count, comma-separated, e.g. "
                    "3e-4,1e-3  [default: finetune.lr_backbone]")
-@click.option("--out", default="reports/sweep", show_default=True, type=click.Path())
+@click.option("--out", default=str(PATHS.sweep), show_default=True, type=click.Path())
 @friendly_errors
 def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, head_config: str,
           blocks: list[Any], fractions: list[float], scratch_fractions: list[float],
           scratch_lr: float, lr_backbones: list[float], out: str) -> None:
     """Measure which strategy to use: blocks sweep, from-scratch baseline, learning curve."""
-    from .sweep import run
+    from .tools.sweep import run
 
     for f in fractions + scratch_fractions:
         if not 0 < f <= 1:
@@ -440,42 +455,39 @@ def sweep(params_path: str, prepared: str, features_dir: str, head_model: str, h
 
 def _sweep_config(params_path: str) -> Any:
     """The params sections that a whole training chain reads."""
-    from .backbones import BackboneParams
-    from .features import FeaturesParams
-    from .finetune_data import FinetuneParams
-    from .params import read_section
-    from .sweep import SweepConfig
-    from .train_head import TrainHeadParams
+    from .core.config import load_params
+    from .tools.sweep import SweepConfig
 
-    return SweepConfig(read_section(params_path, BackboneParams, "backbone"),
-                       read_section(params_path, FeaturesParams, "features"),
-                       read_section(params_path, TrainHeadParams, "train_head"),
-                       read_section(params_path, FinetuneParams, "finetune"))
+    sections = load_params(params_path, "backbone", "features", "train_head", "finetune")
+    return SweepConfig(sections["backbone"],
+                       sections["features"],
+                       sections["train_head"],
+                       sections["finetune"])
 
 
 @main.command()
-@click.option("--model", default="models/model.onnx", show_default=True,
+@click.option("--model", default=str(PATHS.onnx), show_default=True,
               type=click.Path(dir_okay=False), help="ONNX model written by `pipeline export`")
-@click.option("--config", default="models/model.json", show_default=True,
+@click.option("--config", default=str(PATHS.model_config), show_default=True,
               type=click.Path(dir_okay=False))
 @PREPARED_OPTION
-@click.option("--head-metrics", default="metrics/head.json", show_default=True,
+@click.option("--head-metrics", default=str(PATHS.report_file("head")), show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--finetune-metrics", default="metrics/finetune.json", show_default=True,
+@click.option("--finetune-metrics", default=str(PATHS.report_file("finetune")), show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--export-metrics", default="metrics/export.json", show_default=True,
+@click.option("--export-metrics", default=str(PATHS.report_file("export")), show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--interpret-metrics", default="metrics/interpret.json", show_default=True,
+@click.option("--interpret-metrics", default=str(PATHS.report_file("interpret")), show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--bench", "bench_report", default="reports/bench.json", show_default=True,
+@click.option("--bench", "bench_report", default=str(PATHS.report_file("bench")), show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--out", default="reports/model_card.md", show_default=True,
+@click.option("--out", default=str(PATHS.card), show_default=True,
               type=click.Path(dir_okay=False))
 @friendly_errors
 def card(model: str, config: str, prepared: str, head_metrics: str, finetune_metrics: str,
          export_metrics: str, interpret_metrics: str, bench_report: str, out: str) -> None:
     """Write the model card (Markdown) from the outputs of the other stages."""
-    from .card import run
+    from .stages.card import run
 
     run(model, config, prepared, out, head_metrics, finetune_metrics, export_metrics,
         interpret_metrics, bench_report)
@@ -483,24 +495,24 @@ def card(model: str, config: str, prepared: str, head_metrics: str, finetune_met
 
 @main.command("lr-find")
 @PARAMS_OPTION
-@click.option("--features", "features_dir", default="data/features", show_default=True,
+@click.option("--features", "features_dir", default=str(PATHS.features), show_default=True,
               type=click.Path(), help="feature cache written by `pipeline features`")
 @click.option("--lr-min", default=1e-6, show_default=True,
               type=click.FloatRange(min=0, min_open=True))
 @click.option("--lr-max", default=10.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True))
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(3))
-@click.option("--out", default="reports/lr_find", show_default=True,
+@click.option("--out", default=str(PATHS.lr_find), show_default=True,
               type=click.Path(file_okay=False))
 @friendly_errors
 def lr_find(params_path: str, features_dir: str, lr_min: float, lr_max: float, steps: int,
             out: str) -> None:
     """LR range test for the head on cached features, each suggestion checked by training."""
-    from .lr_find import run
-    from .params import read_section
-    from .train_head import TrainHeadParams
+    from .core.config import load_params
+    from .tools.lr_find import run
 
-    run(read_section(params_path, TrainHeadParams, "train_head"), features_dir, out, lr_min,
+    sections = load_params(params_path, "train_head")
+    run(sections["train_head"], features_dir, out, lr_min,
         lr_max, steps)
 
 
@@ -512,13 +524,13 @@ def lr_find(params_path: str, features_dir: str, lr_min: float, lr_max: float, s
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="onnxruntime threads for export and interpret (0: all this process may use)")
-@click.option("--out", default="reports/noise_check.json", show_default=True,
+@click.option("--out", default=str(PATHS.noise_check), show_default=True,
               type=click.Path(dir_okay=False))
 @friendly_errors
 def noise_check(params_path: str, prepared: str, flips: int, seed: int, threads: int,
                 out: str) -> None:
     """Measure whether interpret's train-loss ranking finds flipped (mislabeled) images."""
-    from .noise_check import run
+    from .tools.noise_check import run
 
     run(_sweep_config(params_path), prepared, out, flips, seed, threads)
 
@@ -532,13 +544,13 @@ def noise_check(params_path: str, prepared: str, flips: int, seed: int, threads:
 @click.option("--procs", default="1,2", show_default=True, callback=_csv_list(int),
               help="process counts to compare (torchrun --nproc-per-node)")
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--out", default="reports/bench_scaling.json", show_default=True,
+@click.option("--out", default=str(PATHS.bench_scaling), show_default=True,
               type=click.Path(dir_okay=False))
 @friendly_errors
 def bench_scaling(params_path: str, prepared: str, cut_cache_dir: str, head_model: str,
                   head_config: str, procs: list[int], epochs: int, out: str) -> None:
     """Features and fine-tuning throughput at 1, 2, ... processes (torchrun, gloo on CPU)."""
-    from .bench_scaling import run
+    from .tools.bench_scaling import run
 
     if not procs or min(procs) < 1:
         raise click.BadParameter("--procs must list process counts >= 1")
@@ -554,7 +566,8 @@ def backbones(name: str | None, weights: str) -> None:
     """List the backbone registry, or describe NAME (preprocessing, feature dim, blocks)."""
     import json
 
-    from .backbones import BackboneParams, build_backbone, registry_help
+    from .core.backbones import build_backbone, registry_help
+    from .core.config import BackboneParams
 
     if name is None:
         click.echo(f"Backbones: {registry_help()}.")
@@ -564,6 +577,38 @@ def backbones(name: str | None, weights: str) -> None:
     info = backbone.describe()
     info["block_groups"] = [f"{g[0]} .. ({len(g)} tensors)" for g in backbone.block_groups]
     click.echo(json.dumps(info, indent=2))
+
+
+@main.command()
+@click.argument("folder", default=".", type=click.Path(file_okay=False))
+@click.option("--images", type=click.Path(), default=None,
+              help="folder of images as <class>/<image> (prepare.source: folder)")
+@click.option("--csv", "csv_path", type=click.Path(), default=None,
+              help="CSV manifest with path,label columns (prepare.source: csv)")
+@click.option("--backbone", default=None, help="backbone.name, e.g. torchvision:resnet50")
+@click.option("--force", is_flag=True, help="overwrite dvc.yaml, params.yaml and the README")
+@friendly_errors
+def init(folder: str, images: str | None, csv_path: str | None, backbone: str | None,
+         force: bool) -> None:
+    """Start a project in FOLDER (default: here) that runs the chain with this installed tool."""
+    from .tools.init_project import init as scaffold
+
+    for line in scaffold(folder, images, csv_path, backbone, force):
+        click.echo(f"init: {line}")
+    click.echo(f"init: next: cd {folder} && dvc repro")
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--out", default=".pipeline/code", show_default=True,
+              type=click.Path(file_okay=False), help="folder for <stage>.sha256")
+@friendly_errors
+def fingerprint(params_path: str, out: str) -> None:
+    """Write per-stage fingerprints of this tool's code (the first stage of `pipeline init`)."""
+    from .tools.init_project import fingerprint as write
+
+    prints = write(out, params_path)
+    click.echo(f"fingerprint: {len(prints)} stages -> {out}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ fi
 .venv/bin/python - <<'PY'
 import sys
 import torch
-from pipeline.backbones import import_torchvision
-from pipeline.errors import PipelineError
+from pipeline.core.backbones import import_torchvision
+from pipeline.core.errors import PipelineError
 try:
     tv = import_torchvision()
 except PipelineError as exc:

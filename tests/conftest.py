@@ -11,7 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.backbones import BackboneParams
+from pipeline.core.config import (
+    BackboneParams,
+    FeaturesParams,
+    FinetuneParams,
+    PrepareParams,
+    TrainHeadParams,
+)
+from pipeline.stages.cut_cache import run as cut_cache_run
+from pipeline.stages.features import run as extract_features
+from pipeline.stages.finetune import run as finetune_run
+from pipeline.stages.prepare import run as prepare
+from pipeline.stages.train_head import run as train_head
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = {"name": "timm:test_efficientnet", "weights": "none"}
@@ -71,16 +82,18 @@ def copy_project(dest: Path) -> None:
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """A tiny fine-tuned model (random-init test backbone) exported with both variants."""
-    from pipeline.export import ExportParams
-    from pipeline.export import run as export
-    from pipeline.features import FeaturesParams
-    from pipeline.features import run as extract_features
-    from pipeline.finetune import run as finetune
-    from pipeline.finetune_data import FinetuneParams
-    from pipeline.prepare import PrepareParams
-    from pipeline.prepare import run as prepare
-    from pipeline.train_head import TrainHeadParams
-    from pipeline.train_head import run as train_head
+    from pipeline.core.config import (
+        ExportParams,
+        FeaturesParams,
+        FinetuneParams,
+        PrepareParams,
+        TrainHeadParams,
+    )
+    from pipeline.stages.export import run as export
+    from pipeline.stages.features import run as extract_features
+    from pipeline.stages.finetune import run as finetune
+    from pipeline.stages.prepare import run as prepare
+    from pipeline.stages.train_head import run as train_head
 
     root = tmp_path_factory.mktemp("export")
     backbone = BackboneParams(**TINY_BACKBONE)
@@ -98,3 +111,42 @@ def exported(tmp_path_factory):
                     root / "model.json", root / "prepared", root / "out" / "model.onnx",
                     root / "out" / "variants", root / "export.json", root / "calibration")
     return root, report
+
+
+# --------------------------------------------------------------------------- fine-tuning project
+
+TINY = BackboneParams(**TINY_BACKBONE)
+FAST = FinetuneParams(blocks=2, epochs=3, batch_size=8, views=2, warmup_epochs=1, threads=2,
+                      lr_backbone=1e-3, lr_head=1e-3)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory):
+    """prepared digits (6 per class), features and a trained head for the tiny backbone
+    (shared by the fine-tuning and the tools tests; tests write only under their tmp_path)."""
+    root = tmp_path_factory.mktemp("ft")
+    prepare(PrepareParams(source="sklearn-digits", max_images_per_class=6, val_fraction=0.2,
+                          test_fraction=0.2), root / "prepared")
+    extract_features(TINY, FeaturesParams(batch_size=16, threads=2), root / "prepared",
+                     root / "features")
+    train_head(TrainHeadParams(epochs=10, threads=2), root / "features",
+               root / "head.safetensors", root / "head.json", root / "head_metrics.json",
+               root / "head_plots")
+    return root
+
+
+def build_cache(project: Path, params: FinetuneParams, name: str) -> Path:
+    out = project / name
+    if not out.exists():
+        cut_cache_run(TINY, params, project / "prepared", out)
+    return out
+
+
+def finetune(project: Path, params: FinetuneParams, out: Path, cache: Path | None = None,
+             **kwargs):
+    cache = cache or build_cache(project, params, f"cache_{abs(hash(params))}")
+    return finetune_run(TINY, params, project / "prepared", cache, project / "head.safetensors",
+               project / "head.json", out / "model.safetensors", out / "model.json",
+               out / "metrics.json", out / "plots", out / "timing.json", **kwargs)
+
+

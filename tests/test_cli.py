@@ -10,13 +10,12 @@ from pipeline.cli import main
 from .conftest import TINY_BACKBONE
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["features"], ["train-head"],
-                                     ["bench-features"], ["backbones"], ["cut-cache"],
-                                     ["finetune"], ["bench-finetune"], ["sweep"], ["export"],
-                                     ["predict"]])
+@pytest.mark.parametrize("command", [[]] + [[name] for name in sorted(main.commands)])
 def test_help(command):
+    """Every command the CLI has (taken from the group itself) prints its help."""
     result = CliRunner().invoke(main, command + ["--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
+    assert f"Usage: main {' '.join(command)}".rstrip() in result.output
 
 
 def test_python_dash_m(cli_env):
@@ -57,16 +56,23 @@ def test_cli_chain_and_bench(image_folder, tmp_path):
     prepared, feats = str(tmp_path / "prepared"), str(tmp_path / "features")
     for args in (["prepare", *p, "--out", prepared],
                  ["features", *p, "--prepared", prepared, "--out", feats,
-                  "--metrics", str(tmp_path / "fm.json")],
+                  "--metrics", str(tmp_path / "fm.json"), "--report", str(tmp_path / "fr.json")],
                  ["train-head", *p, "--features", feats, "--model", str(tmp_path / "h.safetensors"),
                   "--config", str(tmp_path / "h.json"), "--metrics", str(tmp_path / "hm.json"),
-                  "--plots", str(tmp_path / "plots")],
+                  "--report", str(tmp_path / "hr.json"), "--plots", str(tmp_path / "plots")],
                  ["bench-features", *p, "--prepared", prepared, "--images", "8", "--repeats", "1",
                   "--out", str(tmp_path / "bench.json")]):
         result = runner.invoke(main, args)
         assert result.exit_code == 0, (args[0], result.output)
-    metrics = json.loads((tmp_path / "hm.json").read_text())
-    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    report = json.loads((tmp_path / "hr.json").read_text())
+    headline = json.loads((tmp_path / "hm.json").read_text())
+    # the DVC metrics file holds only the headline figures, taken from the full report
+    assert set(headline) == {"val_acc", "test_acc", "test_f1", "val_loss"}
+    assert headline["test_acc"] == report["test"]["accuracy"]
+    assert headline["test_f1"] == report["test"]["macro_f1"]
+    assert headline["val_acc"] == report["val"]["accuracy"] and headline["val_loss"] > 0
+    assert json.loads((tmp_path / "fm.json").read_text()) == {
+        "img_s": json.loads((tmp_path / "fr.json").read_text())["images_per_second_backbone"]}
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["images"] == 8 and bench["batch_size"] == 4
     fe = bench["feature_extraction"]

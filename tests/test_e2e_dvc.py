@@ -61,7 +61,7 @@ bench:
 
 
 def finetuned_test_accuracy(root):
-    return json.loads((root / "metrics" / "finetune.json").read_text())["test"]["accuracy"]
+    return json.loads((root / "reports" / "finetune.json").read_text())["test"]["accuracy"]
 
 
 def sh(args, cwd, env):
@@ -79,23 +79,23 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     sh(["dvc", "config", "core.analytics", "false"], tmp_path, cli_env)
     sh(["dvc", "repro"], tmp_path, cli_env)
 
-    metrics = json.loads((tmp_path / "metrics" / "head.json").read_text())
+    metrics = json.loads((tmp_path / "reports" / "head.json").read_text())
     assert metrics["test"]["num_samples"] == 40  # 10 digits x 4 test images
     assert metrics["test"]["accuracy"] > 0.5  # 12 training images per class; chance is 0.1
     features = (tmp_path / "data" / "features" / "features.npy").read_bytes()
     assert (tmp_path / "models" / "head.safetensors").is_file()
-    finetuned = json.loads((tmp_path / "metrics" / "finetune.json").read_text())
+    finetuned = json.loads((tmp_path / "reports" / "finetune.json").read_text())
     assert finetuned["mode"] == "cut" and finetuned["blocks"] == 1
     assert finetuned["val"]["accuracy"] >= finetuned["head_only_val_accuracy"]
     model_bytes = (tmp_path / "models" / "model.safetensors").read_bytes()
-    exported = json.loads((tmp_path / "metrics" / "export.json").read_text())
+    exported = json.loads((tmp_path / "reports" / "export.json").read_text())
     assert exported["variants"]["fp32"]["passed"] and exported["variants"]["int8"]["passed"]
     assert (tmp_path / "models" / "model.onnx").is_file()
     calibration = exported["calibration"]
     assert calibration["method"] == "temperature" and calibration["temperature"] > 0
     assert calibration["val"]["after"]["nll"] <= calibration["val"]["before"]["nll"]
     assert (tmp_path / "plots" / "calibration" / "calibrated.csv").is_file()
-    interpreted = json.loads((tmp_path / "metrics" / "interpret.json").read_text())
+    interpreted = json.loads((tmp_path / "reports" / "interpret.json").read_text())
     assert interpreted["splits"]["test"]["accuracy"] == exported["variants"]["fp32"]["test_accuracy"]
     assert interpreted["splits"]["train"]["images"] == 120  # 10 digits x 12 training images
     assert (tmp_path / "reports" / "interpret" / "train_top_losses.png").is_file()
@@ -116,19 +116,40 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     rendered = json.dumps(reliability)  # the vega spec carries the points of both CSVs
     assert "calibrated.csv" in rendered and '"confidence"' in rendered
 
+    # the DVC metrics are the headline figures of the full reports
+    headline = {s: json.loads((tmp_path / "metrics" / f"{s}.json").read_text())
+                for s in ("features", "head", "finetune", "export", "interpret", "bench")}
+    assert headline["head"]["test_acc"] == metrics["test"]["accuracy"]
+    assert headline["finetune"]["test_f1"] == finetuned["test"]["macro_f1"]
+    assert headline["export"]["int8_drop"] == pytest.approx(
+        exported["variants"]["fp32"]["test_accuracy"] - exported["variants"]["int8"]["test_accuracy"])
+    assert headline["interpret"]["errors"] == interpreted["splits"]["test"]["errors"]
+    assert headline["bench"]["img_s"] == max(r["throughput_ips"] for r in bench["rows"]
+                                             if r["status"] == "ok" and r["engine"] == "onnxruntime")
+    table = sh(["dvc", "metrics", "show"], tmp_path, cli_env)
+    assert max(len(line) for line in table.splitlines()) <= 120, table
+    assert "metrics/finetune.json" in table and "test_acc" in table
+
     second = sh(["dvc", "repro"], tmp_path, cli_env)
     assert "Running stage" not in second  # nothing changed: nothing runs
 
+    onnx_bytes = (tmp_path / "models" / "model.onnx").read_bytes()
+    head_bytes = (tmp_path / "models" / "head.safetensors").read_bytes()
     sh(["dvc", "repro", "--force"], tmp_path, cli_env)
     assert (tmp_path / "data" / "features" / "features.npy").read_bytes() == features
-    assert json.loads((tmp_path / "metrics" / "head.json").read_text()) == metrics
+    assert json.loads((tmp_path / "reports" / "head.json").read_text()) == metrics
+    assert (tmp_path / "models" / "head.safetensors").read_bytes() == head_bytes
     assert (tmp_path / "models" / "model.safetensors").read_bytes() == model_bytes
-    assert json.loads((tmp_path / "metrics" / "finetune.json").read_text()) == finetuned
-    assert json.loads((tmp_path / "metrics" / "export.json").read_text())["calibration"] == \
+    assert (tmp_path / "models" / "model.onnx").read_bytes() == onnx_bytes
+    assert json.loads((tmp_path / "reports" / "finetune.json").read_text()) == finetuned
+    assert json.loads((tmp_path / "reports" / "export.json").read_text())["calibration"] == \
         calibration
 
-    shown = sh(["dvc", "metrics", "show", "--json"], tmp_path, cli_env)
-    assert "test.accuracy" in shown or '"accuracy"' in shown
+    # a change to a stage's own code re-runs that stage (and only what follows it)
+    card_module = tmp_path / "pipeline" / "stages" / "card.py"
+    card_module.write_text(card_module.read_text() + "\n# changed\n")
+    changed = sh(["dvc", "repro"], tmp_path, cli_env)
+    assert "Running stage 'card'" in changed and "Running stage 'bench'" not in changed
 
     # a params change re-runs only what depends on it
     (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("epochs: 20", "epochs: 10"))
@@ -145,4 +166,4 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     (tmp_path / "params.yaml").write_text(params.replace("blocks: 1", "blocks: 2"))
     fifth = sh(["dvc", "repro"], tmp_path, cli_env)
     assert "Running stage 'cut_cache'" in fifth and "Running stage 'finetune'" in fifth
-    assert json.loads((tmp_path / "metrics" / "finetune.json").read_text())["blocks"] == 2
+    assert json.loads((tmp_path / "reports" / "finetune.json").read_text())["blocks"] == 2

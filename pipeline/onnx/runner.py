@@ -1,0 +1,222 @@
+"""Run an exported model: onnxruntime, numpy and Pillow only (importing this never imports torch).
+
+Loads a ``.onnx`` written by ``pipeline export``, reads its metadata (the input contract),
+applies exactly the resize/crop it declares (the same :mod:`pipeline.core.preprocess` code that
+training used), batches, and returns the top-k labels with probabilities::
+
+    from pipeline.onnx.runner import OnnxClassifier
+    model = OnnxClassifier("models/model.onnx", providers=["cuda", "cpu"])
+    for result in model.predict_files(["cat.jpg", "dog.png"], top_k=3):
+        print(result.path, result.error or result.top)
+
+Refuses models without our metadata or whose graph does not match it, and ONNX files whose
+external data lies outside their folder. ONNX files are protobuf, never pickles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..core.errors import PipelineError
+from ..core.imageio import ImageRejected, load_rgb
+from ..core.preprocess import Preprocessing, normalize, resize_and_crop
+from .contract import CONTRACT, decode_metadata
+from .sessions import resolve_providers
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm")
+
+
+class ModelError(PipelineError):
+    """The ONNX file cannot be used: not ours, wrong contract, unsafe external data."""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What the model's metadata promises about its input and output."""
+
+    classes: list[str]
+    input_name: str
+    layout: str  # NHWC (uint8, normalised in the graph) or NCHW (float32, normalised here)
+    dtype: str
+    preprocessing: Preprocessing
+    outputs: list[str]
+    metadata: dict[str, str] = field(repr=False)
+
+    @classmethod
+    def from_session(cls, session: Any, path: Path) -> "Contract":
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        if meta.get("contract") != CONTRACT:
+            raise ModelError(f"{path}: not a model exported by `pipeline export` (metadata "
+                             f"'contract' is {meta.get('contract')!r}, expected {CONTRACT!r}); "
+                             "export it with `pipeline export`")
+        try:
+            values = decode_metadata(meta)
+            pp = Preprocessing(input_size=values["input_size"],
+                               resize_size=values["resize_size"],
+                               interpolation=values["interpolation"],
+                               mean=values["mean"], std=values["std"])
+            contract = cls(classes=values["classes"], input_name=values["input_name"],
+                           layout=values["input_layout"], dtype=values["input_dtype"],
+                           preprocessing=pp, outputs=values["outputs"], metadata=meta)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ModelError(f"{path}: incomplete or invalid pipeline metadata ({exc}); "
+                             "re-export it with `pipeline export`") from None
+        contract.check_graph(session, path)
+        return contract
+
+    def check_graph(self, session: Any, path: Path) -> None:
+        inputs = session.get_inputs()
+        size = self.preprocessing.input_size
+        expected_shape = ([size, size, 3] if self.layout == "NHWC" else [3, size, size])
+        expected_type = f"tensor({'uint8' if self.dtype == 'uint8' else 'float'})"
+        ok = (len(inputs) == 1 and inputs[0].name == self.input_name
+              and inputs[0].type == expected_type and list(inputs[0].shape[1:]) == expected_shape
+              and (self.layout, self.dtype) in (("NHWC", "uint8"), ("NCHW", "float32")))
+        if not ok:
+            got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            raise ModelError(f"{path}: graph input ({got}) does not match its metadata "
+                             f"({self.input_name} {self.dtype} {self.layout} {size} px); "
+                             "re-export it with `pipeline export`")
+        names = [o.name for o in session.get_outputs()]
+        if "probabilities" not in names or len(self.classes) != _width(session, "probabilities"):
+            raise ModelError(f"{path}: outputs {names} do not give probabilities for the "
+                             f"{len(self.classes)} classes in its metadata")
+
+
+def _width(session: Any, name: str) -> int | None:
+    for out in session.get_outputs():
+        if out.name == name and len(out.shape) == 2 and isinstance(out.shape[1], int):
+            return out.shape[1]
+    return None
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse tensors stored outside the model's folder (when the onnx package is present;
+    onnxruntime >= 1.20 refuses them itself)."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable ONNX file ({str(exc).splitlines()[0]})") \
+            from None
+    folder = path.resolve().parent
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or folder not in target.parents:
+            raise ModelError(f"{path}: tensor {tensor.name!r} references external data "
+                             f"{location!r} outside the model's folder; refused")
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+class OnnxClassifier:
+    """An exported model with its contract; ``provider`` is the one onnxruntime really uses."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("cpu",),
+                 threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        from .sessions import preload_gpu_libraries, session_options
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: model file not found")
+        check_external_data(self.path)
+        chosen = resolve_providers(providers)
+        if chosen[0] != "CPUExecutionProvider":
+            preload_gpu_libraries()
+        options = []
+        for name in chosen:
+            if name == "TensorrtExecutionProvider":
+                cache = self.path.parent / ".trt_cache"
+                options.append({"trt_engine_cache_enable": True,
+                                "trt_engine_cache_path": str(cache)})
+            else:
+                options.append({})
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                                providers=chosen, provider_options=options)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.path}: onnxruntime cannot load it ({text[-300:]})") from None
+        self.contract = Contract.from_session(self.session, self.path)
+        self.provider = self.session.get_providers()[0]
+        self.requested = chosen
+
+    @property
+    def classes(self) -> list[str]:
+        return self.contract.classes
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> one model input (uint8 HWC or normalised float32 CHW)."""
+        pixels = resize_and_crop(image, self.contract.preprocessing)
+        return pixels if self.contract.layout == "NHWC" else normalize(pixels,
+                                                                       self.contract.preprocessing)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(["probabilities"], {self.contract.input_name: batch})[0]
+
+    def predict_images(self, images: Sequence[Image.Image], top_k: int = 5) -> list[list[tuple[str, float]]]:
+        probs = self.probabilities(np.stack([self.prepare(img) for img in images]))
+        return [self.top_k(p, top_k) for p in probs]
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
+        order = np.argsort(-probs, kind="stable")[:k]
+        return [(self.classes[i], float(probs[i])) for i in order]
+
+    def predict_files(self, paths: Iterable[str | Path], top_k: int = 5,
+                      batch_size: int = 16) -> Iterator[Prediction]:
+        """Predict each file; an unreadable one yields a Prediction with ``error`` set."""
+        pending: list[tuple[str, np.ndarray]] = []
+
+        def flush() -> Iterator[Prediction]:
+            if pending:
+                probs = self.probabilities(np.stack([x for _, x in pending]))
+                for (name, _), p in zip(pending, probs):
+                    yield Prediction(name, self.top_k(p, top_k))
+                pending.clear()
+
+        for path in paths:
+            try:
+                pending.append((str(path), self.prepare(load_rgb(path))))
+            except ImageRejected as exc:
+                yield from flush()
+                yield Prediction(str(path), error=str(exc))
+                continue
+            except OSError as exc:
+                yield from flush()
+                yield Prediction(str(path), error=f"cannot read: {exc.strerror or exc}")
+                continue
+            if len(pending) >= batch_size:
+                yield from flush()
+        yield from flush()
+
+
+def expand_inputs(items: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders expanded (recursively, sorted) to their image files."""
+    out: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*")
+                          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(path)
+    return out

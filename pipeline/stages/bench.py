@@ -1,0 +1,529 @@
+"""Stage bench: onnxruntime (CPU, CUDA, TensorRT) versus PyTorch eager, a report users can trust.
+
+For every exported variant (FP32 ``models/model.onnx``, FP16 and INT8 from
+``models/variants/``), every execution provider and every batch size in ``bench.batch_sizes``,
+plus the PyTorch eager model on each device as the baseline, one row with:
+
+* session creation time, first-inference (cold) latency, then after warm-up: p50/p90/p99,
+  mean +- std latency and throughput (images/s), over ``bench.iterations`` runs or
+  ``bench.time_budget_s`` seconds, whichever ends first;
+* test-split accuracy of that provider x variant (computed once per pair, at the largest batch
+  size), so a fast but wrong configuration is visible;
+* peak host RSS during the configuration (the kernel's high-water mark, reset per row) and, on
+  a GPU, device memory in use;
+* the provider onnxruntime *actually* used. onnxruntime silently falls back to CPU when a GPU
+  provider cannot start: such a row gets ``status: fallback`` and no timings, never CPU numbers
+  under a GPU name. A provider this machine lacks gets ``status: unavailable`` with the reason.
+
+CPU threads follow the CPUs this process may use (affinity and cgroup quota); CUDA runs with
+IO binding (inputs and outputs on the device) and ``bench.cudnn_conv_algo_search``. On CUDA,
+onnxruntime and PyTorch both run FP32 convolutions as TF32 by default; ``bench.cuda_tf32``
+(default true, the libraries' default) sets both, and each CUDA row records it in ``tf32``, so
+"fp32" on a GPU says which math it was. TensorRT
+uses an engine cache folder and min/opt/max profile shapes covering the batch list, with
+``bench.trt_fp16``.
+
+Outputs: ``reports/bench.json`` (rows), ``reports/bench.md`` (a table to paste in an issue)
+and ``reports/bench.png`` (throughput by batch size). The last line sums up the best
+onnxruntime configuration's speedup over PyTorch eager on each device.
+
+Run: ``pipeline bench --model models/model.onnx --variants-dir models/variants``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+
+from .. import __version__
+from ..core.atomic import atomic_file, write_json, write_text
+from ..core.config import BenchParams
+from ..core.dataset import image_root, read_prepared
+from ..core.errors import PipelineError
+from ..core.imageio import load_prepared_rgb
+from ..core.params import as_dict
+from ..core.runtime import available_cpus, cpu_name, cuda_tf32, resolve_threads
+from ..onnx.sessions import PROVIDERS, cuda_tf32_option
+
+Provider = Literal["cpu", "cuda", "tensorrt"]
+VARIANT_FILES = {"fp32": None, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _rss_reset() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _rss_peak_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _gpu_memory_mb() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            return round((total - free) / 2**20, 1)
+    except Exception:
+        pass
+    return None
+
+
+def time_runs(run: Callable[[], Any], params: BenchParams) -> dict[str, Any]:
+    """Cold first run, warm-up, then timed runs until iterations or the time budget."""
+    t0 = time.perf_counter()
+    run()
+    cold_ms = (time.perf_counter() - t0) * 1000
+    for _ in range(params.warmup):
+        run()
+    latencies: list[float] = []
+    started = time.perf_counter()
+    while len(latencies) < params.iterations and (
+            not latencies or time.perf_counter() - started < params.time_budget_s):
+        t0 = time.perf_counter()
+        run()
+        latencies.append((time.perf_counter() - t0) * 1000)
+    ms = np.array(latencies)
+    return {"first_inference_ms": round(cold_ms, 3), "iterations": len(latencies),
+            "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p90_ms": round(float(np.percentile(ms, 90)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "mean_ms": round(float(ms.mean()), 3),
+            "std_ms": round(float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, 3)}
+
+
+def provider_options(provider: str, params: BenchParams, input_shape: tuple[int, ...],
+                     cache_dir: Path) -> dict[str, Any]:
+    if provider == "cuda":
+        return {"cudnn_conv_algo_search": params.cudnn_conv_algo_search,
+                **cuda_tf32_option(params.cuda_tf32), "device_id": 0}
+    if provider == "tensorrt":
+        dims = "x".join(str(d) for d in input_shape[1:])
+        low, high = min(params.batch_sizes), max(params.batch_sizes)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return {"trt_fp16_enable": params.trt_fp16, "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache_dir),
+                "trt_profile_min_shapes": f"image:{low}x{dims}",
+                "trt_profile_opt_shapes": f"image:{high}x{dims}",
+                "trt_profile_max_shapes": f"image:{high}x{dims}"}
+    return {}
+
+
+def make_session(path: Path, provider: str, params: BenchParams,
+                 input_shape: tuple[int, ...]) -> tuple[Any, str, float]:
+    """(session, provider actually used, creation seconds). GPU providers keep CPU as the
+    fallback onnxruntime uses for unsupported nodes; the *first* provider tells what ran."""
+    import onnxruntime as ort
+
+    from ..onnx.sessions import preload_gpu_libraries, session_options
+
+    names = [PROVIDERS[provider]]
+    options = [provider_options(provider, params, input_shape, Path(params.trt_cache_dir))]
+    if provider == "tensorrt":  # nodes TensorRT rejects go to CUDA, then CPU
+        names.append(PROVIDERS["cuda"])
+        options.append(provider_options("cuda", params, input_shape, Path()))
+    if provider != "cpu":
+        preload_gpu_libraries()
+        names.append(PROVIDERS["cpu"])
+        options.append({})
+    t0 = time.perf_counter()
+    session = ort.InferenceSession(str(path), session_options(params.threads,
+                                                              params.graph_optimization),
+                                   providers=names, provider_options=options)
+    return session, session.get_providers()[0], time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def captured_native_output() -> Iterator[list[str]]:
+    """Capture what onnxruntime's C++ logger and Python fallback print (file descriptors 1
+    and 2) while a GPU session is created: the lines become the row's reason, not noise."""
+    lines: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            for fd in (1, 2):
+                os.dup2(sink.fileno(), fd)
+            yield lines
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines())
+
+
+def failure_reason(lines: list[str]) -> str:
+    """The most telling line of onnxruntime's provider-start errors."""
+    for marker in ("with error: ", "No registered plugin EP device", "Failed to create"):
+        for line in lines:
+            if marker in line:
+                text = line.split(marker, 1)[1] if marker == "with error: " else line
+                return re.sub(r"\x1b\[[0-9;]*m|\[m", "", text).strip()[:200]
+    return "no GPU, or CUDA/cuDNN/TensorRT libraries missing"
+
+
+def unavailable_reason(provider: str) -> str | None:
+    """Why ``provider`` cannot run here, or None when it may (session creation decides)."""
+    import onnxruntime as ort
+
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        return f"this onnxruntime build has no {PROVIDERS[provider]}"
+    return None
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _ort_runner(session: Any, provider: str, batch: np.ndarray, io_binding: bool,
+                output: str) -> Callable[[], Any]:
+    import onnxruntime as ort
+
+    if provider in ("cuda", "tensorrt") and io_binding:
+        binding = session.io_binding()
+        device_input = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
+        binding.bind_ortvalue_input("image", device_input)
+        binding.bind_output(output, "cuda", 0)
+
+        def run_bound() -> Any:
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+
+        return run_bound
+    return lambda: session.run([output], {"image": batch})
+
+
+def _accuracy(predict: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray,
+              labels: np.ndarray, batch_size: int) -> float:
+    preds = np.concatenate([predict(pixels[s:s + batch_size]).argmax(1)
+                            for s in range(0, len(pixels), batch_size)])
+    return round(float((preds == labels).mean()), 6)
+
+
+def ort_rows(path: Path, variant: str, provider: str, params: BenchParams, pixels: np.ndarray,
+             labels: np.ndarray, base: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    head = {**base, "engine": "onnxruntime", "provider": provider, "variant": variant,
+            "trt_fp16": params.trt_fp16 if provider == "tensorrt" else None,
+            "tf32": params.cuda_tf32 if provider == "cuda" else None}
+    reason = unavailable_reason(provider)
+    if reason is None:
+        _rss_reset()
+        try:
+            with contextlib.ExitStack() as stack:
+                log = stack.enter_context(captured_native_output()) if provider != "cpu" else []
+                session, used, created_s = make_session(path, provider, params,
+                                                        (1, *pixels.shape[1:]))
+        except Exception as exc:
+            used, reason = None, f"session creation failed: {str(exc).strip()[:300]}"
+        else:
+            if used != PROVIDERS[provider]:
+                why = failure_reason(log)
+                return [{**head, "batch_size": b, "status": "fallback", "provider_used": used,
+                         "reason": f"onnxruntime fell back to {used} ({PROVIDERS[provider]} "
+                                   f"could not start: {why}); no timings reported"}
+                        for b in params.batch_sizes]
+    if reason is not None:
+        return [{**head, "batch_size": b, "status": "unavailable", "provider_used": None,
+                 "reason": reason} for b in params.batch_sizes]
+    output = "probabilities"
+    accuracy = _accuracy(lambda x: session.run([output], {"image": x})[0], pixels, labels,
+                         max(params.batch_sizes))
+    for b in params.batch_sizes:
+        _rss_reset()
+        batch = np.ascontiguousarray(_tile(pixels, b))
+        stats = time_runs(_ort_runner(session, provider, batch, params.io_binding, output),
+                          params)
+        rows.append({**head, "batch_size": b, "status": "ok", "provider_used": used,
+                     "session_create_s": round(created_s, 3), **stats,
+                     "throughput_ips": round(b * 1000 / stats["mean_ms"], 2),
+                     "accuracy": accuracy, "peak_rss_mb": _rss_peak_mb(),
+                     "gpu_memory_mb": _gpu_memory_mb() if provider != "cpu" else None,
+                     "io_binding": params.io_binding if provider != "cpu" else None})
+    return rows
+
+
+def torch_rows(model_path: Path, config_path: Path, device: str, params: BenchParams,
+               pixels: np.ndarray, labels: np.ndarray, base: dict[str, Any]) -> list[dict[str, Any]]:
+    import torch
+
+    head = {**base, "engine": "pytorch", "provider": device, "variant": "fp32 eager",
+            "trt_fp16": None, "tf32": params.cuda_tf32 if device == "cuda" else None}
+    if device == "cuda" and not torch.cuda.is_available():
+        return [{**head, "batch_size": b, "status": "unavailable", "provider_used": None,
+                 "reason": "torch sees no CUDA device"} for b in params.batch_sizes]
+    from ..core.model import load_model
+    from ..core.preprocess import Preprocessing
+    from ..onnx.convert import deployable
+
+    _rss_reset()
+    t0 = time.perf_counter()
+    classifier, config = load_model(model_path, config_path)
+    model = deployable(classifier, Preprocessing.from_dict(config["preprocessing"]),
+                       "uint8_nhwc").to(device)
+    created_s = time.perf_counter() - t0
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), cuda_tf32(params.cuda_tf32):
+            return model(torch.from_numpy(x).to(device))[0].cpu().numpy()
+
+    accuracy = _accuracy(predict, pixels, labels, max(params.batch_sizes))
+    rows = []
+    for b in params.batch_sizes:
+        _rss_reset()
+        batch = torch.from_numpy(np.ascontiguousarray(_tile(pixels, b))).to(device)
+
+        def run() -> None:
+            with torch.inference_mode(), cuda_tf32(params.cuda_tf32):
+                model(batch)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        stats = time_runs(run, params)
+        rows.append({**head, "batch_size": b, "status": "ok", "provider_used": f"torch:{device}",
+                     "session_create_s": round(created_s, 3), **stats,
+                     "throughput_ips": round(b * 1000 / stats["mean_ms"], 2),
+                     "accuracy": accuracy, "peak_rss_mb": _rss_peak_mb(),
+                     "gpu_memory_mb": _gpu_memory_mb() if device == "cuda" else None,
+                     "io_binding": None})
+    return rows
+
+
+def _tile(pixels: np.ndarray, n: int) -> np.ndarray:
+    reps = -(-n // len(pixels))
+    return np.concatenate([pixels] * reps)[:n]
+
+
+# --------------------------------------------------------------------------- run and report
+
+
+def _device_names() -> dict[str, Any]:
+    names: dict[str, Any] = {"cpu": cpu_name()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            names["cuda"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return names
+
+
+def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for device in ("cpu", "cuda"):
+        torch_ok = [r for r in rows if r["engine"] == "pytorch" and r["provider"] == device
+                    and r["status"] == "ok"]
+        providers = ("cpu",) if device == "cpu" else ("cuda", "tensorrt")
+        ort_ok = [r for r in rows if r["engine"] == "onnxruntime" and r["provider"] in providers
+                  and r["status"] == "ok"]
+        if not torch_ok or not ort_ok:
+            lines.append(f"{device}: no comparison (onnxruntime rows ok: {len(ort_ok)}, "
+                         f"PyTorch rows ok: {len(torch_ok)})")
+            continue
+        best = max(ort_ok, key=lambda r: r["throughput_ips"])
+        eager = max(torch_ok, key=lambda r: r["throughput_ips"])
+        lines.append(f"{device}: best onnxruntime {best['provider']} {best['variant']} batch "
+                     f"{best['batch_size']} {best['throughput_ips']:.1f} img/s vs best PyTorch "
+                     f"eager (batch {eager['batch_size']}) {eager['throughput_ips']:.1f} img/s: "
+                     f"{best['throughput_ips'] / eager['throughput_ips']:.2f}x")
+    return lines
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Speedups at equal batch size: ORT FP32 / eager, INT8 / FP32, TRT / CUDA FP32."""
+    def tput(engine: str, provider: str, variant: str, b: int) -> float | None:
+        for r in rows:
+            if (r["engine"], r["provider"], r["variant"], r["batch_size"], r["status"]) == \
+                    (engine, provider, variant, b, "ok"):
+                return r["throughput_ips"]
+        return None
+
+    out = {}
+    for b in sorted({r["batch_size"] for r in rows}):
+        pairs = {
+            f"cpu_ort_fp32_over_eager_b{b}": (tput("onnxruntime", "cpu", "fp32", b),
+                                              tput("pytorch", "cpu", "fp32 eager", b)),
+            f"cpu_int8_over_fp32_b{b}": (tput("onnxruntime", "cpu", "int8", b),
+                                         tput("onnxruntime", "cpu", "fp32", b)),
+            f"cuda_ort_fp32_over_eager_b{b}": (tput("onnxruntime", "cuda", "fp32", b),
+                                               tput("pytorch", "cuda", "fp32 eager", b)),
+            f"tensorrt_fp32_over_cuda_fp32_b{b}": (tput("onnxruntime", "tensorrt", "fp32", b),
+                                                   tput("onnxruntime", "cuda", "fp32", b)),
+        }
+        out |= {k: round(a / c, 2) for k, (a, c) in pairs.items() if a and c}
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = [f"# Inference benchmark: {report['model']}", "",
+             f"CPU: {env['cpu']} ({env['threads']} threads of {env['available_cpus']} "
+             f"available); GPU: {env['devices'].get('cuda', 'none')}; onnxruntime "
+             f"{env['onnxruntime']}, torch {env['torch']}, pipeline {env['pipeline']}", "",
+             "| engine | provider | variant | batch | status | p50 ms | p90 ms | p99 ms | "
+             "mean ± std ms | img/s | accuracy | first ms | session s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['engine']} | {r['provider']} | {r['variant']} | "
+                         f"{r['batch_size']} | {r['status']}: {r['reason']} | | | | | | | | | |")
+            continue
+        variant = r["variant"] + (", TF32 allowed" if r.get("tf32") else "")
+        lines.append(f"| {r['engine']} | {r['provider']} | {variant} | {r['batch_size']} "
+                     f"| ok | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f} | {r['throughput_ips']:.1f} | "
+                     f"{r['accuracy']:.4f} | {r['first_inference_ms']:.1f} | "
+                     f"{r['session_create_s']:.2f} | {r['peak_rss_mb']} |")
+    lines += ["", "Speedups at equal batch size (throughput ratios, this run):", ""]
+    lines += [f"- {k}: {v:.2f}x" for k, v in report["ratios"].items()]
+    lines += ["", *[f"**{line}**" for line in report["summary"]]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in report["rows"]:
+        if r["status"] == "ok":
+            series.setdefault(f"{r['engine']} {r['provider']} {r['variant']}", []).append(
+                (r["batch_size"], r["throughput_ips"]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, pts in sorted(series.items()):
+        ax.plot(*zip(*sorted(pts)), "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("throughput (images/s)")
+    ax.set_title(f"Throughput by batch size ({report['environment']['cpu']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best throughput of any onnxruntime row (the full table is in the report)."""
+    ok = [r["throughput_ips"] for r in rows if r["status"] == "ok" and r["engine"] != "pytorch"]
+    return {"img_s": max(ok)} if ok else {}
+
+
+def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
+        weights_path: str | Path, config_path: str | Path, prepared_dir: str | Path,
+        out_dir: str | Path, metrics_path: str | Path | None = None) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    from ..onnx.runner import Contract
+
+    model_path, variants_dir, out_dir = Path(model_path), Path(variants_dir), Path(out_dir)
+    threads = resolve_threads(params.threads)
+    torch.set_num_threads(threads)
+    if not model_path.is_file():
+        raise PipelineError(f"{model_path} not found; run `pipeline export` (or dvc repro) first")
+    probe = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    contract = Contract.from_session(probe, model_path)
+    if contract.layout != "NHWC":
+        raise PipelineError(f"{model_path}: bench expects the uint8 NHWC export "
+                            "(export.input: uint8_nhwc)")
+    summary, classes, rows = read_prepared(prepared_dir)
+    root = image_root(prepared_dir, summary)
+    test = [r for r in rows if r["split"] == "test"]
+    if params.accuracy_images:
+        test = test[:params.accuracy_images]
+    if not test:
+        raise PipelineError(f"{prepared_dir}: the test split is empty")
+    from ..core.preprocess import resize_and_crop
+
+    pixels = np.stack([resize_and_crop(load_prepared_rgb(root / r["path"]),
+                                       contract.preprocessing)
+                       for r in test])
+    labels = np.array([contract.classes.index(r["label"]) for r in test])
+    base = {"model": model_path.name, "threads": threads}
+    report_rows: list[dict[str, Any]] = []
+    for variant in params.variants:
+        path = model_path if variant == "fp32" else variants_dir / VARIANT_FILES[variant]
+        if not path.is_file():
+            report_rows += [{**base, "engine": "onnxruntime", "provider": p, "variant": variant,
+                             "trt_fp16": None, "tf32": None, "batch_size": b,
+                             "status": "unavailable",
+                             "provider_used": None,
+                             "reason": f"{path} not found (add {variant} to export.variants)"}
+                            for p in params.providers for b in params.batch_sizes]
+            continue
+        for provider in params.providers:
+            print(f"bench: onnxruntime {provider} {variant}", flush=True)
+            report_rows += ort_rows(path, variant, provider, params, pixels, labels, base)
+    if params.pytorch:
+        for device in ("cpu", "cuda"):
+            if device == "cuda" and "cuda" not in params.providers and \
+                    "tensorrt" not in params.providers:
+                continue
+            print(f"bench: pytorch eager {device}", flush=True)
+            report_rows += torch_rows(Path(weights_path), Path(config_path), device, params,
+                                      pixels, labels, base)
+    report = {
+        "model": str(model_path),
+        "params": as_dict(params),
+        "environment": {"cpu": cpu_name(), "devices": _device_names(), "threads": threads,
+                        "available_cpus": available_cpus(), "os_cpu_count": os.cpu_count(),
+                        "platform": platform.platform(), "python": platform.python_version(),
+                        "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                        "onnxruntime_providers": onnxruntime.get_available_providers(),
+                        "pipeline": __version__},
+        "accuracy_images": len(test),
+        "rows": report_rows,
+    }
+    report["ratios"] = ratios(report_rows)
+    report["summary"] = summary_lines(report_rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "bench.json", report)
+    if metrics_path is not None:
+        write_json(metrics_path, headline(report_rows))
+    write_text(out_dir / "bench.md", markdown(report))
+    plot(report, out_dir / "bench.png")
+    ok = [r for r in report_rows if r["status"] == "ok"]
+    for r in ok:
+        print(f"{r['engine']:11s} {r['provider']:8s} {r['variant']:10s} batch {r['batch_size']:3d} "
+              f"p50 {r['p50_ms']:8.2f} ms  {r['throughput_ips']:8.1f} img/s  accuracy "
+              f"{r['accuracy']:.4f}")
+    skipped = {(r["provider"], r["status"], r["reason"]) for r in report_rows
+               if r["status"] != "ok"}
+    for provider, status, reason in sorted(skipped):
+        print(f"{provider}: {status}: {reason}")
+    for k, v in report["ratios"].items():
+        print(f"{k}: {v:.2f}x")
+    for line in report["summary"]:
+        print(line)
+    print(f"wrote {out_dir}/bench.json, bench.md, bench.png")
+    return report

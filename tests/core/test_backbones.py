@@ -1,0 +1,125 @@
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.core.backbones import build_backbone, load_weights_file
+from pipeline.core.config import BackboneParams
+from pipeline.core.errors import PipelineError
+
+
+def tiny(**kw):
+    return build_backbone(BackboneParams(name="timm:test_efficientnet", **kw.pop("w", {}),
+                                         weights=kw.pop("weights", "none")))
+
+
+def test_tiny_timm_backbone_metadata():
+    b = tiny()
+    assert b.feature_dim == 256 and b.preprocessing.input_size == 160
+    out = b.model(torch.zeros(2, 3, 160, 160))
+    assert out.shape == (2, 256)
+    names = {n for n, _ in b.model.named_parameters()}
+    grouped = [n for g in b.block_groups for n in g]
+    assert sorted(grouped) == sorted(names)  # every parameter in exactly one group
+    assert b.block_groups[0][0].startswith("conv_stem")
+    assert any(n.startswith("conv_head") for n in b.block_groups[-1])
+    assert not any(p.requires_grad for p in b.model.parameters())
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(PipelineError, match="efficientnet_lite0.*torchvision:<model>.*timm:"):
+        build_backbone(BackboneParams(name="resnet9000"))
+    with pytest.raises(PipelineError, match="did you mean timm:resnet18"):
+        build_backbone(BackboneParams(name="timm:resnt18"))
+    with pytest.raises(PipelineError, match="unknown torchvision"):
+        build_backbone(BackboneParams(name="torchvision:resnt18", weights="none"))
+    with pytest.raises(PipelineError, match="not a weights name"):
+        build_backbone(BackboneParams(name="torchvision:resnet18", weights="IMAGENET9K"))
+
+
+def test_torchvision_backbone_groups_and_dim():
+    b = build_backbone(BackboneParams(name="torchvision:resnet18", weights="none"))
+    assert b.feature_dim == 512 and b.preprocessing.resize_size == 256
+    assert b.block_groups[-1][0].startswith("layer4")
+    assert b.block_groups[0][0] == "conv1.weight"
+
+
+def test_offline_download_fails_fast_with_hint(monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PipelineError, match="unreachable.*backbone.weights"):
+        build_backbone(BackboneParams(name="torchvision:resnet18"))
+    with pytest.raises(PipelineError, match="huggingface.co is unreachable"):
+        build_backbone(BackboneParams(name="timm:resnet18"))
+
+
+def test_local_safetensors_weights_round_trip(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("test_efficientnet", pretrained=False)
+    torch.nn.init.constant_(source.conv_stem.weight, 0.01)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    b = tiny(weights=str(path))
+    assert torch.allclose(b.model.conv_stem.weight, torch.full_like(b.model.conv_stem.weight, 0.01))
+    assert b.weights == f"file:{path}"
+
+
+def test_weights_of_wrong_architecture_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"foo.weight": torch.zeros(3)}, str(path))
+    with pytest.raises(PipelineError, match="do not fit.*missing"):
+        tiny(weights=str(path))
+
+
+def test_pickled_objects_are_never_unpickled(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, str(path))
+    with pytest.raises(PipelineError, match="pickles are refused"):
+        load_weights_file(path)
+    with pytest.raises(PipelineError, match="unsupported weights file type"):
+        (tmp_path / "w.pkl").write_bytes(b"x")
+        load_weights_file(tmp_path / "w.pkl")
+
+
+@pytest.mark.slow
+def test_embedded_lite0_recognises_imagenet_classes():
+    """The mapped package weights are real: chelsea is a cat, coffee an espresso."""
+    import timm
+    from PIL import Image
+    from skimage import data
+
+    from pipeline.core.backbones import _lite0_package_weights
+    from pipeline.core.preprocess import preprocess
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    _lite0_package_weights(model)
+    model.eval()
+    b = build_backbone(BackboneParams())
+    assert b.feature_dim == 1280 and b.preprocessing.mean == (0.5, 0.5, 0.5)
+    # timm's coarse groups: stem, then the 7 stages (conv_head/bn2 join the last one)
+    assert len(b.block_groups) == 8
+    assert "conv_head.weight" in b.block_groups[-1] and "blocks.6.0.conv_pw.weight" in b.block_groups[-1]
+    batch = np.stack([preprocess(Image.fromarray(data.chelsea()), b.preprocessing),
+                      preprocess(Image.fromarray(data.coffee()), b.preprocessing)])
+    with torch.no_grad():
+        probs = model(torch.from_numpy(batch)).softmax(1)
+        pooled = b.model(torch.from_numpy(batch))
+    # ImageNet 281-285 are the domestic cats (282 tiger cat, 285 Egyptian cat); 967 espresso
+    cat_classes = set(range(281, 286))
+    assert int(probs[0].argmax()) in cat_classes and 285 in probs[0].topk(2).indices.tolist()
+    assert float(probs[0, list(cat_classes)].sum()) > 0.8
+    assert int(probs[1].argmax()) == 967
+    assert torch.allclose(pooled, model.forward_head(model.forward_features(torch.from_numpy(batch)),
+                                                     pre_logits=True), atol=1e-5)

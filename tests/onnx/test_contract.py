@@ -1,0 +1,68 @@
+"""The model contract: one metadata table, written by export and read by the runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.onnx.contract import CONTRACT, FIELDS, KEYS, decode_metadata, encode_metadata
+
+
+def values() -> dict:
+    return {
+        "contract": CONTRACT, "classes": ["cat", "dog"], "input_name": "image",
+        "input_layout": "NHWC", "input_dtype": "uint8", "input_size": 224,
+        "input_normalized_in_graph": True, "resize_size": 256, "interpolation": "bicubic",
+        "crop": "center", "resize_policy": "words", "scale": "1/255", "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5), "outputs": ["probabilities"], "probability_calibration": "none",
+        "temperature": 1.0, "backbone": "efficientnet_lite0", "backbone_weights": "default",
+        "pipeline_version": "0.1.0", "training_metrics": {"test_accuracy": 0.9},
+        "training_manifest_sha256": "ab", "finetune": {"blocks": 2},
+    }
+
+
+def test_round_trip_gives_back_every_typed_value():
+    text = encode_metadata(values())
+    assert list(text) == list(KEYS) and all(isinstance(v, str) for v in text.values())
+    assert json.loads(text["classes"]) == ["cat", "dog"] and text["input_size"] == "224"
+    assert decode_metadata(text) == values()
+
+
+def test_encode_refuses_missing_or_unknown_keys():
+    partial = values()
+    del partial["temperature"]
+    with pytest.raises(ValueError, match="temperature"):
+        encode_metadata(partial)
+    with pytest.raises(ValueError, match="surprise"):
+        encode_metadata(values() | {"surprise": 1})
+
+
+@pytest.mark.parametrize("key", [f.key for f in FIELDS if f.required])
+def test_decode_names_a_missing_required_key(key):
+    text = encode_metadata(values())
+    del text[key]
+    with pytest.raises(KeyError, match=key):
+        decode_metadata(text)
+
+
+def test_optional_keys_may_be_absent_and_unknown_keys_are_ignored():
+    text = {k: v for k, v in encode_metadata(values()).items()
+            if any(f.key == k and f.required for f in FIELDS)}
+    decoded = decode_metadata(text | {"added_later": "x"})
+    assert "temperature" not in decoded and decoded["classes"] == ["cat", "dog"]
+
+
+def test_the_exporter_and_the_runner_use_the_table(exported):
+    """The shipped file carries exactly the table's keys, and the runner reads them back."""
+    import onnx
+
+    from pipeline.onnx.runner import OnnxClassifier
+
+    root, _ = exported
+    model = onnx.load(str(root / "out" / "model.onnx"), load_external_data=False)
+    assert [p.key for p in model.metadata_props] == list(KEYS)
+    runner = OnnxClassifier(root / "out" / "model.onnx")
+    decoded = decode_metadata(runner.contract.metadata)
+    assert runner.contract.classes == decoded["classes"]
+    assert runner.contract.preprocessing.input_size == decoded["input_size"]

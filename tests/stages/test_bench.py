@@ -1,0 +1,160 @@
+"""pipeline bench: real CPU sessions on a tiny model; GPU rows are unavailable or fallback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from pipeline.core.config import BenchParams
+from pipeline.core.errors import ParamsError
+from pipeline.core.params import parse_section
+from pipeline.onnx.runner import OnnxClassifier
+from pipeline.stages.bench import make_session, ort_rows, run
+
+QUICK = BenchParams(batch_sizes=(1, 3), iterations=4, time_budget_s=0.3, warmup=1, threads=2)
+
+
+def _run(exported, tmp_path, params):
+    root, _ = exported
+    return run(params, root / "out" / "model.onnx", root / "out" / "variants",
+               root / "model.safetensors", root / "model.json", root / "prepared",
+               tmp_path / "reports")
+
+
+def test_cpu_rows_are_complete_and_accuracy_is_real(exported, tmp_path):
+    report = _run(exported, tmp_path, QUICK)
+    rows = report["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    keys = {(r["engine"], r["provider"], r["variant"], r["batch_size"]) for r in ok}
+    for variant in ("fp32", "fp16", "int8"):
+        assert {("onnxruntime", "cpu", variant, 1), ("onnxruntime", "cpu", variant, 3)} <= keys
+    assert {("pytorch", "cpu", "fp32 eager", 1), ("pytorch", "cpu", "fp32 eager", 3)} <= keys
+    for r in ok:
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["throughput_ips"] == pytest.approx(r["batch_size"] * 1000 / r["mean_ms"],
+                                                    rel=1e-3)
+        assert 1 <= r["iterations"] <= 4 and r["first_inference_ms"] > 0
+        assert r["peak_rss_mb"] > 0 and r["threads"] == 2
+        # the provider that really ran is the row's own (CUDA rows appear on a GPU machine)
+        assert r["provider_used"] in {
+            "cpu": ("CPUExecutionProvider", "torch:cpu"),
+            "cuda": ("CUDAExecutionProvider", "torch:cuda")}[r["provider"]]
+        assert r["tf32"] is (True if r["provider"] == "cuda" else None)
+    # accuracy is measured, not copied: it matches the runner on the same test images
+    root, _ = exported
+    runner = OnnxClassifier(root / "out" / "model.onnx")
+    from pipeline.core.dataset import image_root, read_prepared
+
+    summary, classes, manifest = read_prepared(root / "prepared")
+    test = [r for r in manifest if r["split"] == "test"]
+    results = runner.predict_files([image_root(root / "prepared", summary) / r["path"]
+                                    for r in test], top_k=1)
+    expected = np.mean([res.top[0][0] == r["label"] for res, r in zip(results, test)])
+    fp32 = next(r for r in ok if (r["engine"], r["variant"]) == ("onnxruntime", "fp32"))
+    assert fp32["accuracy"] == pytest.approx(expected)
+    assert report["accuracy_images"] == len(test)
+    # outputs: JSON rows, a markdown table and a PNG plot
+    saved = json.loads((tmp_path / "reports" / "bench.json").read_text())
+    assert saved["rows"] == rows and saved["environment"]["available_cpus"] >= 1
+    table = (tmp_path / "reports" / "bench.md").read_text()
+    assert "| onnxruntime | cpu | int8 | 3 | ok |" in table
+    assert (tmp_path / "reports" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["summary"][0].startswith("cpu: best onnxruntime")
+    assert "cpu_int8_over_fp32_b1" in report["ratios"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_gpu_rows_say_why_and_never_carry_cpu_numbers(exported, tmp_path):
+    report = _run(exported, tmp_path, BenchParams(
+        providers=("cuda", "tensorrt"), variants=("fp32",), batch_sizes=(1,), iterations=2,
+        time_budget_s=0.2, warmup=0, threads=2))
+    gpu = [r for r in report["rows"] if r["provider"] in ("cuda", "tensorrt")]
+    assert len(gpu) == 3  # cuda, tensorrt, pytorch cuda
+    for r in gpu:
+        assert r["status"] in ("unavailable", "fallback") and r["reason"]
+        assert "p50_ms" not in r and "throughput_ips" not in r
+    assert "no comparison" in report["summary"][1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_fallback_is_detected_on_a_real_session(exported):
+    """onnxruntime-gpu lists CUDA here but cannot start it without a GPU: a real session
+    silently runs on CPU; the row must say fallback, not report CPU timings as CUDA."""
+    root, _ = exported
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider: rows say unavailable")
+    path = root / "out" / "model.onnx"
+    session, used, _ = make_session(path, "cuda", QUICK, (1, 160, 160, 3))
+    assert used == "CPUExecutionProvider"
+    assert session.run(None, {"image": np.zeros((1, 160, 160, 3), np.uint8)})[0].shape == (1, 10)
+    rows = ort_rows(path, "fp32", "cuda", QUICK, np.zeros((2, 160, 160, 3), np.uint8),
+                    np.zeros(2, np.int64), {})
+    assert [r["status"] for r in rows] == ["fallback", "fallback"]
+    assert all(r["provider_used"] == "CPUExecutionProvider" for r in rows)
+    assert "could not start" in rows[0]["reason"]
+
+
+def test_missing_variant_is_reported_not_dropped(exported, tmp_path):
+    root, _ = exported
+    report = run(BenchParams(providers=("cpu",), variants=("fp32", "int8"), batch_sizes=(1,),
+                             iterations=2, time_budget_s=0.1, warmup=0, pytorch=False,
+                             threads=2),
+                 root / "out" / "model.onnx", tmp_path / "no_variants", root / "model.safetensors",
+                 root / "model.json", root / "prepared", tmp_path / "reports")
+    int8 = [r for r in report["rows"] if r["variant"] == "int8"]
+    assert int8 and all(r["status"] == "unavailable" and "not found" in r["reason"]
+                        for r in int8)
+
+
+def test_bench_params_are_checked():
+    with pytest.raises(ParamsError, match=r"bench.providers\[0\] must be one of"):
+        parse_section(BenchParams, {"providers": ["rocm"]}, "bench")
+    with pytest.raises(ParamsError, match="bench.batch_sizes"):
+        parse_section(BenchParams, {"batch_sizes": []}, "bench")
+
+
+@pytest.mark.gpu
+def test_cuda_rows_run_on_the_gpu(exported, tmp_path):
+    report = _run(exported, tmp_path, BenchParams(
+        providers=("cpu", "cuda"), variants=("fp32", "fp16"), batch_sizes=(1, 4), iterations=5,
+        time_budget_s=0.5, warmup=1))
+    cuda = [r for r in report["rows"] if r["provider"] == "cuda"]
+    assert cuda and all(r["status"] == "ok" for r in cuda), [r.get("reason") for r in cuda]
+    assert {r["provider_used"] for r in cuda} == {"CUDAExecutionProvider", "torch:cuda"}
+    fp32_cpu = next(r for r in report["rows"] if (r["engine"], r["provider"], r["variant"]) ==
+                    ("onnxruntime", "cpu", "fp32"))
+    fp32_cuda = next(r for r in cuda if (r["engine"], r["variant"]) == ("onnxruntime", "fp32"))
+    assert fp32_cuda["accuracy"] == pytest.approx(fp32_cpu["accuracy"], abs=0.05)
+    assert fp32_cuda["gpu_memory_mb"] > 0
+    assert all(r["tf32"] is True for r in cuda)
+    # strict FP32 on the GPU: same accuracy as the CPU, and the row says which math it was
+    strict = _run(exported, tmp_path / "strict", BenchParams(
+        providers=("cuda",), variants=("fp32",), batch_sizes=(4,), iterations=3,
+        time_budget_s=0.3, warmup=1, cuda_tf32=False))
+    strict_cuda = [r for r in strict["rows"] if r["provider"] == "cuda"]
+    assert len(strict_cuda) == 2  # onnxruntime and PyTorch
+    assert all(r["status"] == "ok" and r["tf32"] is False for r in strict_cuda)
+    assert all(r["accuracy"] == fp32_cpu["accuracy"] for r in strict_cuda)
+
+
+def test_cuda_options_carry_the_tf32_choice(tmp_path):
+    from pipeline.stages.bench import markdown, provider_options
+
+    assert provider_options("cuda", QUICK, (1, 8, 8, 3), tmp_path)["use_tf32"] == "1"
+    strict = BenchParams(cuda_tf32=False)
+    assert provider_options("cuda", strict, (1, 8, 8, 3), tmp_path)["use_tf32"] == "0"
+    row = {"engine": "onnxruntime", "provider": "cuda", "variant": "fp32", "batch_size": 8,
+           "status": "ok", "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "mean_ms": 1.0,
+           "std_ms": 0.0, "throughput_ips": 8000.0, "accuracy": 0.99, "first_inference_ms": 9.0,
+           "session_create_s": 0.5, "peak_rss_mb": 100, "tf32": True}
+    report = {"model": "m.onnx", "rows": [row, {**row, "tf32": False}], "ratios": {},
+              "summary": [], "environment": {"cpu": "x", "threads": 2, "available_cpus": 2,
+                                             "devices": {}, "onnxruntime": "1", "torch": "2",
+                                             "pipeline": "0"}}
+    table = markdown(report)
+    assert "| onnxruntime | cuda | fp32, TF32 allowed | 8 | ok |" in table
+    assert "| onnxruntime | cuda | fp32 | 8 | ok |" in table

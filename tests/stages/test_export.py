@@ -1,0 +1,494 @@
+"""Export + runner: round trip, dynamic batch, metadata, variants, bad models, bad images."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.core.batches import view_pixels
+from pipeline.core.config import ExportParams
+from pipeline.core.dataset import image_root, read_prepared
+from pipeline.core.errors import PipelineError
+from pipeline.core.model import load_model
+from pipeline.core.preprocess import Preprocessing, resize_and_crop
+from pipeline.onnx.runner import ModelError, OnnxClassifier
+from pipeline.stages.export import run
+
+from ..conftest import REPO, make_image
+
+
+def test_export_checks_pass_and_are_recorded(exported):
+    root, report = exported
+    assert json.loads((root / "export.json").read_text()) == report
+    fp32, fp16, int8 = (report["variants"][v] for v in ("fp32", "fp16", "int8"))
+    assert fp32["max_abs_diff_probabilities"] <= 1e-4 and fp32["max_abs_diff_logits"] <= 1e-4
+    assert fp32["top1_agreement"] == 1.0 and fp32["passed"]
+    assert fp16["top1_agreement"] >= 0.995 and int8["accuracy_drop_vs_fp32"] <= 0.01
+    assert (root / "out" / "variants" / "model.fp16.onnx").is_file()
+    assert (root / "out" / "variants" / "model.int8.onnx").is_file()
+    int8_model = onnx.load(str(root / "out" / "variants" / "model.int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in int8_model.graph.node)
+
+
+def test_one_self_contained_file_with_metadata(exported):
+    root, _ = exported
+    model = onnx.load(str(root / "out" / "model.onnx"), load_external_data=False)
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert [f.name for f in (root / "out").iterdir()] and \
+        sorted(p.name for p in (root / "out").iterdir()) == ["model.onnx", "variants"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == [str(d) for d in range(10)]
+    assert (meta["input_layout"], meta["input_dtype"], meta["input_size"]) == ("NHWC", "uint8",
+                                                                              "160")
+    assert meta["crop"] == "center" and "centre-crop 160" in meta["resize_policy"]
+    assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert meta["backbone"] == "timm:test_efficientnet" and meta["pipeline_version"]
+    assert "test_accuracy" in json.loads(meta["training_metrics"])
+    summary = read_prepared(root / "prepared")[0]
+    assert meta["training_manifest_sha256"] == summary["manifest_sha256"]
+    assert json.loads(meta["outputs"]) == ["probabilities"]
+    assert [o.name for o in model.graph.output] == ["probabilities"]
+    # no exporter debug info: no stack traces naming this machine's paths
+    raw = (root / "out" / "model.onnx").read_bytes()
+    assert str(REPO).encode() not in raw and b"stack_trace" not in raw
+    assert not any(node.metadata_props or node.doc_string for node in model.graph.node)
+
+
+def test_dynamic_batch_really_works(exported):
+    root, _ = exported
+    session = ort.InferenceSession(str(root / "out" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).integers(0, 256, (7, 160, 160, 3), dtype=np.uint8)
+    seven = session.run(None, {"image": x})[0]
+    ones = np.concatenate([session.run(None, {"image": x[i:i + 1]})[0] for i in range(7)])
+    assert seven.shape == (7, 10) and np.abs(seven - ones).max() < 1e-5
+    assert np.allclose(seven.sum(1), 1.0, atol=1e-5)
+
+
+def _test_images(root):
+    summary, classes, rows = read_prepared(root / "prepared")
+    base = image_root(root / "prepared", summary)
+    return [base / r["path"] for r in rows if r["split"] == "test"], classes
+
+
+def test_runner_matches_the_pytorch_model_and_training_preprocessing(exported):
+    root, _ = exported
+    paths, classes = _test_images(root)
+    runner = OnnxClassifier(root / "out" / "model.onnx")
+    assert runner.provider == "CPUExecutionProvider" and runner.classes == classes
+    model, config = load_model(root / "model.safetensors", root / "model.json")
+    pp = Preprocessing.from_dict(config["preprocessing"])
+    x = np.stack([view_pixels(p, pp, "none", 0, 0, 0) for p in paths])
+    temperature = float(runner.contract.metadata["temperature"])  # fitted on val by export
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(x)) / temperature, 1).numpy()
+    results = list(runner.predict_files(paths, top_k=3, batch_size=7))
+    assert [r.path for r in results] == [str(p) for p in paths]
+    for r, probs in zip(results, expected):
+        label, p = r.top[0]
+        assert label == classes[int(probs.argmax())] and p == pytest.approx(probs.max(), abs=1e-4)
+        assert len(r.top) == 3 and r.top[0][1] >= r.top[1][1] >= r.top[2][1]
+    # the runner's tensor is exactly the training preprocessing's
+    img = Image.open(paths[0]).convert("RGB")
+    assert np.array_equal(runner.prepare(img), resize_and_crop(img, pp))
+
+
+def test_probabilities_are_calibrated_on_val_and_the_figures_are_reported(exported):
+    root, report = exported
+    cal = report["calibration"]
+    meta = OnnxClassifier(root / "out" / "model.onnx").contract.metadata
+    assert (meta["probability_calibration"], float(meta["temperature"])) == \
+        ("temperature", cal["temperature"])
+    assert cal["fitted_on"] == "val" and cal["temperature"] != 1.0
+    val, test = cal["val"], cal["test"]
+    summary, _, rows = read_prepared(root / "prepared")
+    assert val["images"] == sum(r["split"] == "val" for r in rows) and \
+        test["images"] == report["test_images"]
+    # T minimises the val NLL, so it beats T = 1 there; top-1 (accuracy) never moves
+    assert val["after"]["nll"] < val["before"]["nll"]
+    for split in (val, test):
+        assert split["after"]["accuracy"] == split["before"]["accuracy"]
+    assert test["before"]["accuracy"] == report["pytorch_test_accuracy"]
+    # the reliability tables count every test image once, before and after
+    for name in ("uncalibrated", "calibrated"):
+        lines = (root / "calibration" / f"{name}.csv").read_text().splitlines()
+        assert lines[0] == "confidence,accuracy,count"
+        assert sum(int(line.split(",")[2]) for line in lines[1:]) == report["test_images"]
+
+
+def test_calibration_none_exports_the_raw_softmax(exported, tmp_path):
+    root, report = exported
+    params = ExportParams(threads=2, variants=(), probability_calibration="none",
+                          logits_output=True)
+    raw = run(params, root / "model.safetensors", root / "model.json", root / "prepared",
+              tmp_path / "m.onnx", tmp_path / "v", tmp_path / "e.json")
+    assert raw["calibration"]["temperature"] == 1.0 and raw["variants"]["fp32"]["passed"]
+    assert raw["calibration"]["test"]["before"] == raw["calibration"]["test"]["after"]
+    paths, _ = _test_images(root)
+    img = Image.open(paths[0]).convert("RGB")
+    raw_model, calibrated = OnnxClassifier(tmp_path / "m.onnx"), \
+        OnnxClassifier(root / "out" / "model.onnx")
+    assert raw_model.contract.metadata["temperature"] == "1.0"
+    x = raw_model.prepare(img)[None]
+    probs, logits = raw_model.session.run(None, {"image": x})
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    assert np.allclose(probs, e / e.sum(1, keepdims=True), atol=1e-6)
+    t = report["calibration"]["temperature"]
+    e = np.exp((logits - logits.max(1, keepdims=True)) / t)
+    assert np.allclose(calibrated.session.run(None, {"image": x})[0], e / e.sum(1, keepdims=True),
+                       atol=1e-5)
+
+
+def _altered_prepared(root: Path, tmp_path: Path, name: str, text: str) -> Path:
+    """A copy of the fixture's prepared folder (same images) with file ``name`` replaced."""
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for file in ("summary.json", "classes.json", "manifest.csv"):
+        (prepared / file).write_bytes((root / "prepared" / file).read_bytes())
+    (prepared / name).write_text(text)
+    return prepared
+
+
+def test_temperature_needs_a_val_split(exported, tmp_path):
+    root, _ = exported
+    text = (root / "prepared" / "manifest.csv").read_text()
+    prepared = _altered_prepared(root, tmp_path, "manifest.csv", text.replace(",val,", ",train,"))
+    params = tmp_path / "params.yaml"
+    params.write_text("export:\n  variants: []\n")
+    result = CliRunner().invoke(main, ["export", "--params", str(params), "--model",
+                                       str(root / "model.safetensors"), "--config",
+                                       str(root / "model.json"), "--prepared", str(prepared),
+                                       "--out", str(tmp_path / "m.onnx"), "--metrics",
+                                       str(tmp_path / "e.json"), "--report",
+                                       str(tmp_path / "r.json"), "--plots", str(tmp_path / "p")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "val split is empty" in result.output and \
+        "export.probability_calibration: none" in result.output
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "e.json").exists()
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_float_input_variant_with_logits(exported, tmp_path):
+    root, _ = exported
+    params = ExportParams(threads=2, input="float32_nchw", logits_output=True, variants=())
+    report = run(params, root / "model.safetensors", root / "model.json", root / "prepared",
+                 tmp_path / "m.onnx", tmp_path / "v", tmp_path / "e.json")
+    assert report["variants"]["fp32"]["passed"] and report["outputs"] == ["probabilities",
+                                                                          "logits"]
+    runner = OnnxClassifier(tmp_path / "m.onnx")
+    assert runner.contract.layout == "NCHW"
+    paths, _ = _test_images(root)
+    img = Image.open(paths[0]).convert("RGB")
+    pp = runner.contract.preprocessing
+    assert np.allclose(runner.prepare(img), view_pixels(paths[0], pp, "none", 0, 0, 0))
+    reference = OnnxClassifier(root / "out" / "model.onnx").predict_images([img], 10)[0]
+    for (la, pa), (lb, pb) in zip(runner.predict_images([img], 10)[0], reference):
+        assert pa == pytest.approx(pb, abs=1e-5)
+
+
+def test_failed_check_writes_nothing(exported, tmp_path):
+    root, _ = exported
+    with pytest.raises(PipelineError, match="export checks failed, nothing written: fp32"):
+        run(ExportParams(threads=2, tolerance=1e-15, variants=()), root / "model.safetensors",
+            root / "model.json", root / "prepared", tmp_path / "m.onnx", tmp_path / "v",
+            tmp_path / "e.json")
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "e.json").exists()
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_predict_cli_table_json_and_bad_images(exported, tmp_path):
+    root, _ = exported
+    paths, _ = _test_images(root)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    model = str(root / "out" / "model.onnx")
+    result = CliRunner().invoke(main, ["predict", "--model", model, str(paths[0]), str(bad),
+                                       str(paths[1]), "--json", "--top-k", "2"])
+    assert result.exit_code == 1, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [line["path"] for line in lines] == [str(paths[0]), str(bad), str(paths[1])]
+    assert "error" in lines[1] and "broken.png" not in lines[1]["error"]
+    assert len(lines[0]["predictions"]) == 2 and lines[0]["provider"] == "CPUExecutionProvider"
+    folder = tmp_path / "imgs"
+    for i in range(3):
+        make_image(folder / f"{i}.png", seed=i)
+    table = CliRunner().invoke(main, ["predict", "--model", model, str(folder)])
+    assert table.exit_code == 0, table.output
+    assert table.output.count(str(folder)) == 3 and "CPUExecutionProvider" in table.output
+    assert "probabilities calibrated, temperature" in table.output
+
+
+def test_predict_marks_predictions_below_min_confidence(exported):
+    root, _ = exported
+    paths, _ = _test_images(root)
+    model = str(root / "out" / "model.onnx")
+    args = ["predict", "--model", model, *map(str, paths), "--top-k", "1"]
+    lines = [json.loads(line) for line in CliRunner().invoke(main, args + ["--json"]).output
+             .splitlines()]
+    top = [line["predictions"][0]["probability"] for line in lines]
+    assert not any(line["uncertain"] for line in lines)  # default 0: nothing is uncertain
+    threshold = float(np.median(top))
+    marked = [json.loads(line) for line in CliRunner().invoke(
+        main, args + ["--json", "--min-confidence", str(threshold)]).output.splitlines()]
+    assert [line["uncertain"] for line in marked] == [p < threshold for p in top]
+    assert 0 < sum(p < threshold for p in top) < len(top)
+    table = CliRunner().invoke(main, args + ["--min-confidence", str(threshold)])
+    assert table.output.count("\tuncertain") == sum(p < threshold for p in top)
+    bad = CliRunner().invoke(main, args + ["--min-confidence", "1.5"])
+    assert bad.exit_code == 2 and "--min-confidence" in bad.output
+
+
+def test_providers_are_checked_and_reported(exported):
+    root, _ = exported
+    result = CliRunner().invoke(main, ["predict", "--model", str(root / "out" / "model.onnx"),
+                                       "x.png", "--providers", "gpu"])
+    assert result.exit_code != 0 and "unknown provider 'gpu'" in result.output
+    runner = OnnxClassifier(root / "out" / "model.onnx", providers=["cuda", "cpu"])
+    if not torch.cuda.is_available():  # onnxruntime falls back to CPU: we say so
+        assert runner.provider == "CPUExecutionProvider"
+
+
+def test_models_that_break_the_contract_are_refused(exported, tmp_path):
+    root, _ = exported
+    model = onnx.load(str(root / "out" / "model.onnx"))
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ModelError, match="not a model exported by `pipeline export`"):
+        OnnxClassifier(tmp_path / "plain.onnx")
+    for prop in model.metadata_props:
+        if prop.key == "input_size":
+            prop.value = "224"
+    onnx.save(model, str(tmp_path / "lying.onnx"))
+    with pytest.raises(ModelError, match="does not match its metadata"):
+        OnnxClassifier(tmp_path / "lying.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelError, match="junk.onnx"):
+        OnnxClassifier(tmp_path / "junk.onnx")
+
+
+def test_external_data_outside_the_folder_is_refused(exported, tmp_path):
+    root, _ = exported
+    model = onnx.load(str(root / "out" / "model.onnx"))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    (tmp_path / "outside.bin").write_bytes(tensor.raw_data)
+    length = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../outside.bin"), ("offset", "0"), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "model.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="outside the model's folder"):
+        OnnxClassifier(tmp_path / "sub" / "model.onnx")
+
+
+def _blocked_torch_env(tmp_path: Path) -> dict[str, str]:
+    blocker = tmp_path / "blocker"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    return {"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin"}
+
+
+def test_runner_imports_and_predicts_without_torch(exported, tmp_path):
+    root, _ = exported
+    paths, _ = _test_images(root)
+    code = textwrap.dedent(f"""
+        import sys
+        from pipeline.onnx.runner import OnnxClassifier
+        runner = OnnxClassifier({str(root / 'out' / 'model.onnx')!r})
+        result = next(runner.predict_files([{str(paths[0])!r}], top_k=1))
+        assert "torch" not in sys.modules or sys.modules["torch"] is None
+        print(result.top[0][0])
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=_blocked_torch_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    expected = OnnxClassifier(root / "out" / "model.onnx").predict_files([paths[0]], top_k=1)
+    assert result.stdout.strip() == next(expected).top[0][0]
+
+
+def test_readme_snippet_runs_with_onnxruntime_numpy_pillow_only(exported, tmp_path):
+    root, _ = exported
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Use the exported model in your app", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "pipeline" not in snippet.replace("models/model.onnx", "")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.onnx").write_bytes((root / "out" / "model.onnx").read_bytes())
+    (tmp_path / "app.py").write_text(snippet)
+    paths, _ = _test_images(root)
+    env = _blocked_torch_env(tmp_path)
+    env["PYTHONNOUSERSITE"] = "1"
+    result = subprocess.run([sys.executable, "-S", "-c",
+                             "import site, sys; site.main(); "
+                             "sys.modules['pipeline'] = None; "
+                             "sys.argv = ['app.py'] + sys.argv[1:]; "
+                             "exec(open('app.py').read())", *map(str, paths[:4])],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    runner = OnnxClassifier(root / "out" / "model.onnx")
+    for line, r in zip(result.stdout.splitlines(), runner.predict_files(paths[:4], top_k=1)):
+        label, prob = r.top[0]
+        assert line == f"{r.path}: {label} {prob:.3f}"
+
+
+def test_export_params_reject_unknown_variant():
+    from pipeline.core.errors import ParamsError
+    from pipeline.core.params import parse_section
+
+    with pytest.raises(ParamsError, match=r"export.variants\[0\] must be one of 'fp16', 'int8'"):
+        parse_section(ExportParams, {"variants": ["bf16"]}, "export")
+    assert dataclasses.replace(ExportParams(), variants=()).variants == ()
+
+
+# --------------------------------------------------------------------------- interpret
+
+
+def test_interpret_lists_losses_of_the_shipped_model(exported, tmp_path):
+    from pipeline.core.config import InterpretParams
+    from pipeline.stages.interpret import run as interpret
+
+    root, export_report = exported
+    params = InterpretParams(splits=("test", "train"), top_losses=5, most_confused=100,
+                             threads=2)
+    report = interpret(params, root / "out" / "model.onnx", root / "prepared", tmp_path / "out",
+                       tmp_path / "interpret.json")
+    assert json.loads((tmp_path / "interpret.json").read_text()) == report
+    test = report["splits"]["test"]
+    # the same ONNX file on the same test images as export's own check
+    assert test["accuracy"] == export_report["variants"]["fp32"]["test_accuracy"]
+    summary, classes, rows = read_prepared(root / "prepared")
+    model = OnnxClassifier(root / "out" / "model.onnx")
+    for split in ("test", "train"):
+        with open(tmp_path / "out" / f"{split}_losses.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+        expected = {r["path"]: r["label"] for r in rows if r["split"] == split}
+        assert {r["path"]: r["label"] for r in table} == expected  # every image, its label
+        losses = [float(r["loss"]) for r in table]
+        assert losses == sorted(losses, reverse=True)  # worst first
+        for r in table:
+            assert float(r["loss"]) == pytest.approx(-np.log(float(r["p_label"])), rel=1e-4)
+            assert (r["label"] == r["predicted"]) == (float(r["p_label"]) ==
+                                                      float(r["p_predicted"]))
+        s = report["splits"][split]
+        errors = sum(r["label"] != r["predicted"] for r in table)
+        assert s["errors"] == errors == sum(c["count"] for c in s["most_confused"])
+        assert s["accuracy"] == pytest.approx(1 - errors / len(table))
+        assert (tmp_path / "out" / f"{split}_top_losses.png").read_bytes()[:4] == b"\x89PNG"
+    # p_label is the model's probability of the manifest label for that image
+    first = next(iter(csv.DictReader(open(tmp_path / "out" / "test_losses.csv"))))
+    base = image_root(root / "prepared", summary)
+    probs = model.probabilities(model.prepare(Image.open(base / first["path"]).convert("RGB"))[None])
+    assert float(first["p_label"]) == pytest.approx(probs[0, classes.index(first["label"])],
+                                                    rel=1e-4)
+
+
+def test_interpret_cli_refuses_a_model_for_other_classes(exported, tmp_path):
+    root, _ = exported
+    prepared = _altered_prepared(root, tmp_path, "classes.json", json.dumps(list("abcdefghij")))
+    params = tmp_path / "params.yaml"
+    params.write_text("interpret:\n  splits: [test]\n")
+    result = CliRunner().invoke(main, ["interpret", "--params", str(params), "--model",
+                                       str(root / "out" / "model.onnx"), "--prepared",
+                                       str(prepared), "--out", str(tmp_path / "out"),
+                                       "--metrics", str(tmp_path / "m.json"), "--report",
+                                       str(tmp_path / "r.json")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "classes differ" in result.output and not (tmp_path / "out").exists()
+    params.write_text("interpret:\n  splits: [holdout]\n")
+    result = CliRunner().invoke(main, ["interpret", "--params", str(params)])
+    assert result.exit_code != 0 and "interpret.splits" in result.output
+
+
+def test_interpret_names_an_image_that_changed_after_prepare(exported, tmp_path):
+    import shutil
+
+    root, _ = exported
+    summary, _, rows = read_prepared(root / "prepared")
+    images = tmp_path / "images"
+    shutil.copytree(image_root(root / "prepared", summary), images)
+    broken = next(r["path"] for r in rows if r["split"] == "test")
+    (images / broken).write_bytes(b"truncated")
+    prepared = _altered_prepared(root, tmp_path, "summary.json",
+                                 json.dumps({**summary, "root": str(images)}))
+    (tmp_path / "params.yaml").write_text("interpret:\n  splits: [test]\n")
+    result = CliRunner().invoke(main, ["interpret", "--params", str(tmp_path / "params.yaml"),
+                                       "--model", str(root / "out" / "model.onnx"),
+                                       "--prepared", str(prepared), "--out",
+                                       str(tmp_path / "out"), "--metrics",
+                                       str(tmp_path / "m.json"), "--report",
+                                       str(tmp_path / "r.json")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert broken in result.output and "re-run prepare" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+    assert not (tmp_path / "r.json").exists()
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def test_wilson_interval_known_values():
+    from pipeline.stages.card import wilson_interval
+
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_card_reads_every_figure_from_the_stage_outputs(exported, tmp_path):
+    import hashlib
+
+    root, export_report = exported
+    (root / "export.json").write_text(json.dumps(export_report))
+    result = CliRunner().invoke(main, [
+        "card", "--model", str(root / "out" / "model.onnx"), "--config",
+        str(root / "model.json"), "--prepared", str(root / "prepared"), "--head-metrics",
+        str(root / "hm.json"), "--finetune-metrics", str(root / "fm.json"), "--export-metrics",
+        str(root / "export.json"), "--interpret-metrics", str(tmp_path / "none.json"),
+        "--bench", str(tmp_path / "none.json"), "--out", str(tmp_path / "card.md")])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "card.md").read_text()
+    finetuned = json.loads((root / "fm.json").read_text())
+    test = finetuned["test"]
+    n = test["num_samples"]
+    assert f"* Test: {test['accuracy']:.4f} ({round(test['accuracy'] * n)}/{n}; 95 % CI" in card
+    assert hashlib.sha256((root / "out" / "model.onnx").read_bytes()).hexdigest() in card
+    t = export_report["calibration"]["temperature"]
+    assert f"softmax(logits / {t:.4g})" in card and f"T = {t:.4g}" in card
+    assert f"the last {finetuned['blocks']} of {finetuned['num_block_groups']} block groups" \
+        in card
+    for name in ("fp32", "fp16", "int8"):
+        v = export_report["variants"][name]
+        assert f"| {name} | `{v['file']}` |" in card and f"{v['test_accuracy']:.4f} |" in card
+    assert "Not measured: `reports/bench.json` is missing" in card
+    assert "Most confused" not in card  # no interpret metrics: nothing is made up
+    assert len([line for line in card.splitlines() if line.startswith("| ") and
+                line.split(" | ")[0][2:] in [str(d) for d in range(10)]]) == 10
+
+    (tmp_path / "broken.json").write_text("{")
+    bad = CliRunner().invoke(main, [
+        "card", "--model", str(root / "out" / "model.onnx"), "--config",
+        str(root / "model.json"), "--prepared", str(root / "prepared"), "--head-metrics",
+        str(tmp_path / "broken.json"), "--out", str(tmp_path / "card2.md")])
+    assert bad.exit_code == 1 and "broken.json: not valid JSON" in bad.output
+    assert not (tmp_path / "card2.md").exists()

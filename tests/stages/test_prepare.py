@@ -1,0 +1,134 @@
+import csv
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.core.config import PrepareParams
+from pipeline.core.dataset import read_prepared
+from pipeline.core.errors import PipelineError
+from pipeline.stages.prepare import run
+
+from ..conftest import make_image
+
+
+def folder_params(root, **kw):
+    return PrepareParams(source="folder", path=str(root), **kw)
+
+
+def rows_of(out):
+    return read_prepared(out)[2]
+
+
+def test_folder_split_is_stratified_and_complete(image_folder, tmp_path):
+    out = tmp_path / "prepared"
+    summary = run(folder_params(image_folder, val_fraction=0.25, test_fraction=0.25), out)
+    rows = rows_of(out)
+    assert summary["num_images"] == len(rows) == 24
+    assert json.loads((out / "classes.json").read_text()) == ["cat", "dog", "fox"]
+    for label in ("cat", "dog", "fox"):
+        splits = [r["split"] for r in rows if r["label"] == label]
+        assert splits.count("test") == 2 and splits.count("val") == 2 and splits.count("train") == 4
+    assert all(len(r["sha256"]) == 64 and not r["path"].startswith("/") for r in rows)
+    assert len({r["path"] for r in rows}) == 24
+
+
+def test_split_is_seeded(image_folder, tmp_path):
+    run(folder_params(image_folder, seed=1), tmp_path / "a")
+    run(folder_params(image_folder, seed=1), tmp_path / "b")
+    run(folder_params(image_folder, seed=2), tmp_path / "c")
+    a, b, c = ((tmp_path / n / "manifest.csv").read_bytes() for n in "abc")
+    assert a == b and a != c
+
+
+def test_bad_files_rejected_with_reasons(image_folder, tmp_path):
+    (image_folder / "cat" / "notes.txt").write_text("hello")
+    (image_folder / "dog" / "fake.png").write_text("not a png")
+    trunc = make_image(image_folder / "fox" / "trunc.jpg", seed=9, size=(64, 64))
+    trunc.write_bytes(trunc.read_bytes()[:300])
+    shutil.copy(image_folder / "cat" / "0.png", image_folder / "cat" / "copy.png")
+    (image_folder / "empty").mkdir()
+    out = tmp_path / "prepared"
+    result = CliRunner().invoke(main, ["prepare", "--params", str(write_params(tmp_path, image_folder)),
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with open(out / "rejected.csv") as handle:
+        rejected = {r["path"]: r["reason"] for r in csv.DictReader(handle)}
+    assert "not an image" in rejected["cat/notes.txt"]
+    assert "not an image" in rejected["dog/fake.png"]
+    assert "cannot decode" in rejected["fox/trunc.jpg"]
+    assert "duplicate of cat/0.png" in rejected["cat/copy.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_images"] == 24 and summary["num_rejected"] == 4
+    assert summary["empty_class_folders_ignored"] == ["empty"]
+    assert "empty class folders ignored: empty" in result.output
+
+
+def write_params(tmp_path, root, extra=""):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"prepare:\n  source: folder\n  path: {root}\n{extra}")
+    return params
+
+
+def test_fewer_than_two_classes_fails(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(5):
+        make_image(root / "only" / f"{i}.png", seed=i)
+    (root / "broken").mkdir()
+    (root / "broken" / "x.png").write_text("nope")
+    with pytest.raises(PipelineError, match="at least 2 classes"):
+        run(folder_params(root), tmp_path / "out")
+
+
+def test_class_with_too_few_images_fails_with_names(image_folder, tmp_path):
+    for i in range(2):
+        make_image(image_folder / "rare" / f"{i}.png", seed=900 + i)
+    result = CliRunner().invoke(main, ["prepare", "--params",
+                                       str(write_params(tmp_path, image_folder)),
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "'rare': 2" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_keeps_previous_output(image_folder, tmp_path):
+    out = tmp_path / "prepared"
+    run(folder_params(image_folder), out)
+    before = (out / "manifest.csv").read_bytes()
+    with pytest.raises(PipelineError):
+        run(folder_params(tmp_path / "missing"), out)
+    assert (out / "manifest.csv").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]
+
+
+def test_csv_manifest_source(image_folder, tmp_path):
+    manifest = tmp_path / "list.csv"
+    lines = ["path,label"]
+    for label in ("cat", "dog"):
+        for i in range(6):
+            lines.append(f"images/{label}/{i}.png,{label}")
+    lines.append("images/missing.png,cat")
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "prepared"
+    summary = run(PrepareParams(source="csv", path=str(manifest)), out)
+    assert summary["num_images"] == 12 and summary["num_rejected"] == 1
+    assert "file not found" in (out / "rejected.csv").read_text()
+    summary2, classes, rows = read_prepared(out)
+    assert classes == ["cat", "dog"] and rows[0]["path"].startswith("images/")
+
+
+def test_csv_without_columns_fails(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,class\na.png,x\n")
+    with pytest.raises(PipelineError, match="'path' and 'label'"):
+        run(PrepareParams(source="csv", path=str(manifest)), tmp_path / "out")
+
+
+def test_sklearn_digits_subsample(tmp_path):
+    out = tmp_path / "prepared"
+    summary = run(PrepareParams(max_images_per_class=10), out)
+    assert summary["num_classes"] == 10 and summary["num_images"] == 100
+    rows = rows_of(out)
+    assert (out / "images" / rows[0]["path"]).is_file()
