@@ -1,9 +1,11 @@
-"""The one preprocessing definition, shared by features, training, export and the runner.
+"""The one preprocessing definition, shared by features, training, export and every runtime.
 
-Depends only on Pillow and numpy. Two halves:
+Depends on numpy, Pillow (decoded images in) and onnxruntime. Two halves:
 
-* :func:`resize_and_crop`: geometry (resize the shorter side, then centre crop), done on the
-  PIL image. It stays outside the exported ONNX graph and is re-applied by the runner.
+* :func:`resize_and_crop`: geometry (resize the shorter side, then centre crop). It runs the
+  ONNX graph of :mod:`pipeline.core.resize_graph` with onnxruntime, the same nodes that the
+  exported model carries inside it, so training, export and an app's model agree whatever
+  Pillow version is installed.
 * :func:`normalize`: uint8 HWC -> float32 CHW, scaled to [0, 1] then ``(x - mean) / std``.
   The export stage puts exactly this arithmetic inside the ONNX graph.
 """
@@ -66,8 +68,22 @@ def _interp(name: str) -> Interpolation:
     return name  # type: ignore[return-value]
 
 
-def resize_and_crop(img: Image.Image, pp: Preprocessing) -> np.ndarray:
-    """RGB PIL image -> uint8 array (input_size, input_size, 3)."""
+def resize_and_crop(img: Image.Image | np.ndarray, pp: Preprocessing) -> np.ndarray:
+    """RGB image (PIL, or uint8 HWC array) -> uint8 array (input_size, input_size, 3).
+
+    The shorter side goes to ``resize_size`` (the longer one to ``int(resize * long /
+    short)``), then the centre crop, offsets rounded half to even: the graph of
+    :mod:`pipeline.core.resize_graph`, run by onnxruntime, which the exported model embeds."""
+    from .resize_graph import resize_and_crop_array
+
+    pixels = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img,
+                        dtype=np.uint8)
+    return resize_and_crop_array(pixels, pp.resize_size, pp.input_size, pp.interpolation)
+
+
+def pillow_resize_and_crop(img: Image.Image, pp: Preprocessing) -> np.ndarray:
+    """The same geometry with Pillow's resampling: what an app that resizes by itself gets
+    (within one grey level of :func:`resize_and_crop`; export measures it)."""
     width, height = img.size
     if width <= height:
         new_w, new_h = pp.resize_size, int(pp.resize_size * height / width)
@@ -88,6 +104,6 @@ def normalize(pixels: np.ndarray, pp: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
-def preprocess(img: Image.Image, pp: Preprocessing) -> np.ndarray:
+def preprocess(img: Image.Image | np.ndarray, pp: Preprocessing) -> np.ndarray:
     """RGB PIL image -> float32 CHW network input."""
     return normalize(resize_and_crop(img, pp), pp)

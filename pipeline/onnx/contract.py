@@ -43,6 +43,8 @@ FIELDS: tuple[Field, ...] = (
     Field("input_dtype", required=True),           # uint8 | float32
     Field("input_size", _text, int, required=True),
     Field("input_normalized_in_graph", _bool, lambda s: s == "true"),
+    # true: any H x W (one size per batch); resize and centre crop run inside the graph
+    Field("input_resized_in_graph", _bool, lambda s: s == "true"),
     Field("resize_size", _text, int, required=True),
     Field("interpolation", required=True),
     Field("crop"),
@@ -63,10 +65,28 @@ FIELDS: tuple[Field, ...] = (
 KEYS = tuple(f.key for f in FIELDS)
 
 
-def resize_policy(resize_size: int, input_size: int, interpolation: str) -> str:
-    """The preprocessing an app must apply before the graph, in words."""
-    return (f"resize the shorter side to {resize_size} px ({interpolation}), then centre-crop "
-            f"{input_size} x {input_size}; RGB")
+# The files `pipeline export` writes, one table for the writer (export) and readers (bench,
+# docs): the shipped model.onnx takes raw pixels; the variants take the fixed-size crop.
+VARIANT_FILES = {"fixed": "model.fixed.onnx", "fp16": "model.fp16.onnx",
+                 "int8": "model.int8.onnx"}
+
+
+def resize_policy(resize_size: int, input_size: int, interpolation: str,
+                  in_graph: bool = False) -> str:
+    """The resize and crop, in words: done by the graph, or what an app must do before it."""
+    geometry = (f"resize the shorter side to {resize_size} px ({interpolation}, antialiased), "
+                f"then centre-crop {input_size} x {input_size}; RGB")
+    if in_graph:
+        return f"inside the graph: {geometry}; give it decoded RGB uint8 pixels of any size"
+    return geometry
+
+
+def sidecar_path(model_path: Any) -> Any:
+    """``model.onnx`` -> ``model.onnx.json``: the contract as JSON, for apps (onnxruntime-node
+    and -web expose no ONNX metadata to JavaScript)."""
+    from pathlib import Path
+
+    return Path(f"{model_path}.json")
 
 
 def encode_metadata(values: dict[str, Any]) -> dict[str, str]:

@@ -169,3 +169,50 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray,
     model.metadata_props.extend(fp32.metadata_props)
     onnx.checker.check_model(model, full_check=True)
     write_model(model, path)
+
+
+def add_resize_and_crop(model: Any, resize_size: int, input_size: int,
+                        interpolation: str) -> Any:
+    """Put the resize-and-crop graph in front of a fixed-size uint8 NHWC network: the result
+    takes raw RGB uint8 pixels ``[N, H, W, 3]`` of any size (one size per batch)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ..core.resize_graph import CROP_OUTPUT, RAW_INPUT, resize_crop_nodes
+
+    graph = model.graph
+    (old_input,) = graph.input
+    batch_dim = old_input.type.tensor_type.shape.dim[0]
+    for node in graph.node:
+        node.input[:] = [CROP_OUTPUT if name == old_input.name else name for name in node.input]
+    nodes, initializers = resize_crop_nodes(resize_size, input_size, interpolation)
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + existing)
+    graph.initializer.extend(initializers)
+    raw = helper.make_tensor_value_info(
+        RAW_INPUT, TensorProto.UINT8,
+        [batch_dim.dim_param or batch_dim.dim_value or "batch", "height", "width", 3])
+    del graph.input[:]
+    graph.input.append(raw)
+    model = onnx.shape_inference.infer_shapes(model, check_type=True)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def write_sidecar(onnx_path: Path) -> dict[str, Any]:
+    """Write ``<model>.onnx.json``: the typed contract read back from the file's own metadata
+    (one table, :mod:`pipeline.onnx.contract`) plus the file's name, size and SHA-256."""
+    import hashlib
+
+    import onnx
+
+    from ..core.atomic import write_json
+    from .contract import decode_metadata, sidecar_path
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    contract = decode_metadata({p.key: p.value for p in model.metadata_props})
+    contract["file"] = {"name": onnx_path.name, "bytes": onnx_path.stat().st_size,
+                        "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()}
+    write_json(sidecar_path(onnx_path), contract)
+    return contract

@@ -1,8 +1,9 @@
 """Run an exported model: onnxruntime, numpy and Pillow only (importing this never imports torch).
 
-Loads a ``.onnx`` written by ``pipeline export``, reads its metadata (the input contract),
-applies exactly the resize/crop it declares (the same :mod:`pipeline.core.preprocess` code that
-training used), batches, and returns the top-k labels with probabilities::
+Loads a ``.onnx`` written by ``pipeline export``, reads its contract (metadata, or the JSON
+sidecar), decodes images as ``prepare`` does and feeds them as they are to a model that resizes
+in its graph (``models/model.onnx``), or resized and cropped by the same graph for a fixed-size
+variant, batches images of one size, and returns the top-k labels with probabilities::
 
     from pipeline.onnx.runner import OnnxClassifier
     model = OnnxClassifier("models/model.onnx", providers=["cuda", "cpu"])
@@ -15,6 +16,7 @@ external data lies outside their folder. ONNX files are protobuf, never pickles.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -25,7 +27,7 @@ from PIL import Image
 from ..core.errors import PipelineError
 from ..core.imageio import ImageRejected, load_rgb
 from ..core.preprocess import Preprocessing, normalize, resize_and_crop
-from .contract import CONTRACT, decode_metadata
+from .contract import CONTRACT, FIELDS, decode_metadata, sidecar_path
 from .sessions import resolve_providers
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -47,10 +49,20 @@ class Contract:
     preprocessing: Preprocessing
     outputs: list[str]
     metadata: dict[str, str] = field(repr=False)
+    resized_in_graph: bool = False  # True: raw RGB pixels of any size in
 
     @classmethod
     def from_session(cls, session: Any, path: Path) -> "Contract":
+        """The contract from the model's ``metadata_props``, or from its JSON sidecar
+        (``<model>.onnx.json``) when the file carries none (the same table either way)."""
         meta = dict(session.get_modelmeta().custom_metadata_map)
+        sidecar = sidecar_path(path)
+        if "contract" not in meta and sidecar.is_file():
+            try:
+                typed = json.loads(sidecar.read_text(encoding="utf-8"))
+                meta = {f.key: f.encode(typed[f.key]) for f in FIELDS if f.key in typed}
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ModelError(f"{sidecar}: not a readable contract ({exc})") from None
         if meta.get("contract") != CONTRACT:
             raise ModelError(f"{path}: not a model exported by `pipeline export` (metadata "
                              f"'contract' is {meta.get('contract')!r}, expected {CONTRACT!r}); "
@@ -63,7 +75,8 @@ class Contract:
                                mean=values["mean"], std=values["std"])
             contract = cls(classes=values["classes"], input_name=values["input_name"],
                            layout=values["input_layout"], dtype=values["input_dtype"],
-                           preprocessing=pp, outputs=values["outputs"], metadata=meta)
+                           preprocessing=pp, outputs=values["outputs"], metadata=meta,
+                           resized_in_graph=values.get("input_resized_in_graph", False))
         except (KeyError, ValueError, TypeError) as exc:
             raise ModelError(f"{path}: incomplete or invalid pipeline metadata ({exc}); "
                              "re-export it with `pipeline export`") from None
@@ -74,10 +87,15 @@ class Contract:
         inputs = session.get_inputs()
         size = self.preprocessing.input_size
         expected_shape = ([size, size, 3] if self.layout == "NHWC" else [3, size, size])
+        shape = list(inputs[0].shape[1:]) if inputs else []
+        if self.resized_in_graph:  # height and width are free (symbolic)
+            expected_shape = [None, None, 3]
+            shape = [None if isinstance(d, str) or d is None else d for d in shape]
         expected_type = f"tensor({'uint8' if self.dtype == 'uint8' else 'float'})"
         ok = (len(inputs) == 1 and inputs[0].name == self.input_name
-              and inputs[0].type == expected_type and list(inputs[0].shape[1:]) == expected_shape
-              and (self.layout, self.dtype) in (("NHWC", "uint8"), ("NCHW", "float32")))
+              and inputs[0].type == expected_type and shape == expected_shape
+              and (self.layout, self.dtype) in (("NHWC", "uint8"), ("NCHW", "float32"))
+              and (not self.resized_in_graph or self.layout == "NHWC"))
         if not ok:
             got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
             raise ModelError(f"{path}: graph input ({got}) does not match its metadata "
@@ -165,7 +183,10 @@ class OnnxClassifier:
         return self.contract.classes
 
     def prepare(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> one model input (uint8 HWC or normalised float32 CHW)."""
+        """RGB image -> one model input: its own pixels (uint8 HWC) for a model that resizes
+        in the graph; else the crop (uint8 HWC, or normalised float32 CHW)."""
+        if self.contract.resized_in_graph:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
         pixels = resize_and_crop(image, self.contract.preprocessing)
         return pixels if self.contract.layout == "NHWC" else normalize(pixels,
                                                                        self.contract.preprocessing)
@@ -173,8 +194,13 @@ class OnnxClassifier:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["probabilities"], {self.contract.input_name: batch})[0]
 
-    def predict_images(self, images: Sequence[Image.Image], top_k: int = 5) -> list[list[tuple[str, float]]]:
-        probs = self.probabilities(np.stack([self.prepare(img) for img in images]))
+    def predict_images(self, images: Sequence[Image.Image],
+                       top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k per image; images of different sizes run one by one (a batch shares a size)."""
+        inputs = [self.prepare(img) for img in images]
+        same = all(x.shape == inputs[0].shape for x in inputs)
+        probs = (self.probabilities(np.stack(inputs)) if same and inputs else
+                 [self.probabilities(x[None])[0] for x in inputs])
         return [self.top_k(p, top_k) for p in probs]
 
     def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
@@ -195,7 +221,10 @@ class OnnxClassifier:
 
         for path in paths:
             try:
-                pending.append((str(path), self.prepare(load_rgb(path))))
+                x = self.prepare(load_rgb(path))
+                if pending and x.shape != pending[0][1].shape:  # a batch shares one size
+                    yield from flush()
+                pending.append((str(path), x))
             except ImageRejected as exc:
                 yield from flush()
                 yield Prediction(str(path), error=str(exc))

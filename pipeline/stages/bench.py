@@ -52,10 +52,10 @@ from ..core.errors import PipelineError
 from ..core.imageio import load_prepared_rgb
 from ..core.params import as_dict
 from ..core.runtime import available_cpus, cpu_name, cuda_tf32, resolve_threads
+from ..onnx.contract import VARIANT_FILES
 from ..onnx.sessions import PROVIDERS, cuda_tf32_option
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
-VARIANT_FILES = {"fp32": None, "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
 # --------------------------------------------------------------------------- measurement
@@ -438,6 +438,15 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"img_s": max(ok)} if ok else {}
 
 
+def variant_path(model_path: Path, variants_dir: Path, variant: str) -> Path:
+    """The file timed for ``variant``: every engine gets the fixed-size network (OpenVINO and
+    TensorRT ignore the shipped model's antialiased Resize), FP32 as ``model.fixed.onnx``;
+    an export without it (``export.input: float32_nchw``) is timed as ``model_path``."""
+    name = VARIANT_FILES["fixed" if variant == "fp32" else variant]
+    fixed = variants_dir / name
+    return model_path if variant == "fp32" and not fixed.is_file() else fixed
+
+
 def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
         weights_path: str | Path, config_path: str | Path, prepared_dir: str | Path,
         out_dir: str | Path, metrics_path: str | Path | None = None) -> dict[str, Any]:
@@ -472,7 +481,7 @@ def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
     base = {"model": model_path.name, "threads": threads}
     report_rows: list[dict[str, Any]] = []
     for variant in params.variants:
-        path = model_path if variant == "fp32" else variants_dir / VARIANT_FILES[variant]
+        path = variant_path(model_path, variants_dir, variant)
         if not path.is_file():
             report_rows += [{**base, "engine": "onnxruntime", "provider": p, "variant": variant,
                              "trt_fp16": None, "tf32": None, "batch_size": b,

@@ -71,11 +71,15 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
 
     lines += ["## The file", "",
               f"* `{model_path.name}`: {model_path.stat().st_size / 1e6:.1f} MB, SHA-256 "
-              f"`{sha256_file(model_path)}`; contract `{meta['contract']}`; runs with onnxruntime, "
-              "numpy and Pillow alone (`pipeline.onnx.runner.OnnxClassifier` or the README snippet).",
-              f"* Input `{meta['input_name']}`: {meta['input_dtype']} {meta['input_layout']}, "
-              f"{meta['input_size']} × {meta['input_size']}, RGB; before it, "
-              f"{meta['resize_policy']}. Scaling and mean/std normalisation "
+              f"`{sha256_file(model_path)}`; contract `{meta['contract']}` (also in "
+              f"`{model_path.name}.json` for apps that cannot read ONNX metadata); runs with "
+              "onnxruntime alone, in Python, Node or a browser (README).",
+              (f"* Input `{meta['input_name']}`: decoded RGB {meta['input_dtype']} "
+               f"{meta['input_layout']} of any size (one size per batch); "
+               if meta.get("input_resized_in_graph") == "true" else
+               f"* Input `{meta['input_name']}`: {meta['input_dtype']} {meta['input_layout']}, "
+               f"{meta['input_size']} × {meta['input_size']}, RGB; before it, ")
+              + f"{meta['resize_policy']}. Scaling and mean/std normalisation "
               + ("happen in the graph." if meta["input_normalized_in_graph"] == "true"
                  else "are the caller's (float input)."),
               f"* Outputs: {', '.join(json.loads(meta['outputs']))}, one column per class in "
@@ -83,9 +87,13 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
     if meta.get("probability_calibration") == "temperature":
         t = float(meta["temperature"])
         lines.append(f"* Probabilities are calibrated: softmax(logits / {t:.4g}), the "
-                     "temperature fitted on the val split.")
+                     "temperature fitted on the val split (bounded by the accuracy val can "
+                     "vouch for) and kept because it helped on val images it was not fitted "
+                     "on.")
     else:
-        lines.append("* Probabilities are the plain softmax (not calibrated).")
+        fallback = ((export or {}).get("calibration") or {}).get("fallback")
+        lines.append("* Probabilities are the plain softmax (not calibrated" +
+                     (f": {fallback}" if fallback else "") + ").")
     lines.append("")
 
     counts = summary["split_counts"]

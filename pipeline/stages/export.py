@@ -3,13 +3,22 @@
 Exports the fine-tuned model (or the head-only model when fine-tuning is off: both come as
 ``models/model.safetensors`` + ``models/model.json``) as backbone + head in one graph:
 
-* input ``image``: ``uint8`` RGB, NHWC, ``input_size`` square, dynamic batch (default), or
-  ``float32`` NCHW already normalised (``export.input: float32_nchw``). The uint8 graph does the
-  1/255 scaling, the mean/std normalisation and the layout change itself. Resize + centre crop
-  stay outside (the runner does them) and are declared in the metadata.
+* ``--out`` (``models/model.onnx``), input ``image``: decoded RGB ``uint8`` pixels
+  ``[N, H, W, 3]`` of any size (one size per batch). The graph resizes the shorter side, crops
+  the centre (:mod:`pipeline.core.resize_graph`, the same nodes training runs), scales,
+  normalises and changes the layout itself: an app decodes and calls it. With
+  ``export.input: float32_nchw`` it takes a normalised ``float32`` NCHW crop instead.
+* ``--variants-dir``: ``model.fixed.onnx``, the same network at the fixed ``input_size`` square
+  (uint8 NHWC; for engines that ignore or refuse antialiased Resize: OpenVINO, TensorRT,
+  onnxruntime-web's WebGPU), and the FP16/INT8 variants of it.
+* next to every file, ``<file>.json``: the same contract as its ``metadata_props`` (one table,
+  :mod:`pipeline.onnx.contract`), for apps that cannot read ONNX metadata (onnxruntime-node
+  and -web).
 * outputs ``probabilities`` (softmax) and, with ``export.logits_output: true``, ``logits``.
   With ``export.probability_calibration: temperature`` (default) the probabilities are
-  calibrated: softmax(logits / T) with T fitted on the val split (:mod:`pipeline.core.calibration`);
+  calibrated: softmax(logits / T) with T fitted on the val split and bounded so a val split
+  with few errors cannot make the model over-confident; shipped only when a cross-fitted check
+  on val says it helps (else the plain softmax; :mod:`pipeline.core.calibration`).
   ``logits`` stay raw. NLL, ECE and Brier score before/after land in ``reports/export.json``
   and reliability tables in ``--plots``.
 * ``metadata_props``: classes, input contract, resize/crop policy, mean/std, backbone, package
@@ -18,7 +27,8 @@ Exports the fine-tuned model (or the head-only model when fine-tuning is off: bo
 Every export is checked and the figures land in ``reports/export.json``: ``onnx.checker`` (full
 check); onnxruntime versus the PyTorch model on real test images (max |diff| of probabilities
 and logits, target <= ``export.tolerance``); top-1 agreement on the whole test split (100 % for
-FP32). Variants, checked the same way: ``fp16`` (agreement >= ``fp16_min_agreement``) and
+FP32, for the shipped raw-pixel model fed the original images and for the fixed graph), and
+the in-graph resize against Pillow's on the test images and on odd sizes. Variants: ``fp16`` (agreement >= ``fp16_min_agreement``) and
 ``int8`` (static QDQ by onnxruntime's quantisation tools, calibrated on training images; test
 accuracy within ``int8_max_accuracy_drop`` of FP32). A check over its limit fails the stage and
 no output is replaced.
@@ -43,18 +53,27 @@ from ..core.errors import PipelineError
 from ..core.imageio import load_prepared_rgb
 from ..core.preprocess import Preprocessing, normalize, resize_and_crop
 from ..core.runtime import resolve_threads
-from ..onnx.contract import CONTRACT, INPUT_NAME, encode_metadata, resize_policy
+from ..onnx.contract import (
+    CONTRACT,
+    INPUT_NAME,
+    VARIANT_FILES,
+    encode_metadata,
+    resize_policy,
+    sidecar_path,
+)
 from ..onnx.convert import (
     deployable,
     drop_logits_output,
     export_fp16,
     export_int8,
     write_model,
+    write_sidecar,
 )
 
 
 def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str],
-             temperature: float = 1.0) -> dict[str, str]:
+             temperature: float = 1.0, resized_in_graph: bool = False,
+             calibrated: bool = False) -> dict[str, str]:
     """The model's ``metadata_props`` (keys and encodings from :mod:`pipeline.onnx.contract`)."""
     pp = config["preprocessing"]
     uint8 = params.input == "uint8_nhwc"
@@ -66,15 +85,17 @@ def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str],
         "input_dtype": "uint8" if uint8 else "float32",
         "input_size": pp["input_size"],
         "input_normalized_in_graph": uint8,
+        "input_resized_in_graph": resized_in_graph,
         "resize_size": pp["resize_size"],
         "interpolation": pp["interpolation"],
         "crop": "center",
-        "resize_policy": resize_policy(pp["resize_size"], pp["input_size"], pp["interpolation"]),
+        "resize_policy": resize_policy(pp["resize_size"], pp["input_size"], pp["interpolation"],
+                                       resized_in_graph),
         "scale": "1/255",
         "mean": pp["mean"],
         "std": pp["std"],
         "outputs": outputs,
-        "probability_calibration": params.probability_calibration,
+        "probability_calibration": "temperature" if calibrated else "none",
         "temperature": temperature,
         "backbone": config["backbone"]["name"],
         "backbone_weights": config["backbone"]["weights"],
@@ -86,8 +107,9 @@ def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str],
 
 
 def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
-                path: Path, temperature: float = 1.0) -> dict[str, Any]:
-    """Export, simplify (constant folding + shape inference) and stamp the metadata."""
+                path: Path, temperature: float = 1.0, calibrated: bool = False) -> dict[str, Any]:
+    """Export the fixed-size network, simplify (constant folding + shape inference) and stamp
+    the metadata."""
     import onnx
     import torch
 
@@ -105,7 +127,8 @@ def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     outputs = [o.name for o in model.graph.output]
     del model.metadata_props[:]
-    for key, value in metadata(config, params, outputs, temperature).items():
+    for key, value in metadata(config, params, outputs, temperature,
+                               calibrated=calibrated).items():
         model.metadata_props.add(key=key, value=value)
     model.producer_name, model.producer_version = "pipeline", __version__
     onnx.checker.check_model(model, full_check=True)
@@ -113,6 +136,90 @@ def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
     return {"nodes": len(model.graph.node), "initializers": len(model.graph.initializer),
             "simplified_by": "torch.onnx dynamo export with onnxscript's optimizer (constant "
                              "folding, dead-code elimination), then onnx shape inference"}
+
+
+def export_raw(fixed_path: Path, path: Path, config: dict[str, Any], params: ExportParams,
+               temperature: float, calibrated: bool) -> dict[str, Any]:
+    """The shipped model: the resize-and-crop graph in front of the fixed-size network."""
+    import onnx
+
+    from ..onnx.convert import add_resize_and_crop
+
+    pp = config["preprocessing"]
+    model = add_resize_and_crop(onnx.load(str(fixed_path)), pp["resize_size"],
+                                pp["input_size"], pp["interpolation"])
+    outputs = [o.name for o in model.graph.output]
+    del model.metadata_props[:]
+    for key, value in metadata(config, params, outputs, temperature, resized_in_graph=True,
+                               calibrated=calibrated).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    write_model(model, path)
+    return {"nodes": len(model.graph.node), "resize": "onnxruntime Resize (opset 18) on the "
+            "uint8 tensor, antialiased, sizes and crop offsets computed in the graph"}
+
+
+def _decoded(paths: list[Path], max_pixels: int) -> list[np.ndarray]:
+    return [np.asarray(load_prepared_rgb(p, max_pixels=max_pixels), dtype=np.uint8)
+            for p in paths]
+
+
+def _run_raw(path: Path, images: list[np.ndarray],
+             threads: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run the raw-pixel model, consecutive images of one size batched together."""
+    import onnxruntime as ort
+
+    from ..onnx.sessions import session_options
+
+    session = ort.InferenceSession(str(path), session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    probs: list[np.ndarray] = []
+    logits: list[np.ndarray] = []
+    start = 0
+    while start < len(images):
+        end = start + 1
+        while (end < len(images) and end - start < 32
+               and images[end].shape == images[start].shape):
+            end += 1
+        out = dict(zip(names, session.run(None, {"image": np.stack(images[start:end])})))
+        probs.append(out["probabilities"])
+        if "logits" in out:
+            logits.append(out["logits"])
+        start = end
+    return np.concatenate(probs), (np.concatenate(logits) if logits else None)
+
+
+ODD_SIZES = ((7, 5), (97, 211), (211, 97), (1000, 750), (513, 511), (31, 400))
+
+
+def preprocessing_check(classifier: Any, raw_path: Path, images: list[np.ndarray],
+                        pp: Preprocessing, temperature: float, threads: int,
+                        probe: int = 8) -> dict[str, Any]:
+    """The in-graph resize on images of many sizes (the first ``probe`` test images resized to
+    tall, wide, tiny, large and odd shapes): the shipped model, fed those raw pixels, against
+    the PyTorch model on the training preprocessing of the same pixels; and how far Pillow's
+    own resampling (what an app resizing by itself gets) is from it, in grey levels."""
+    from PIL import Image
+
+    from ..core.calibration import softmax
+    from ..core.preprocess import pillow_resize_and_crop
+
+    def pillow_levels(batch: list[np.ndarray]) -> int:
+        return max(int(np.abs(resize_and_crop(x, pp).astype(int) - pillow_resize_and_crop(
+            Image.fromarray(x), pp).astype(int)).max()) for x in batch)
+
+    odd = [np.asarray(Image.fromarray(x).resize(size, Image.Resampling.BICUBIC))
+           for x in images[:probe] for size in ODD_SIZES]
+    probs, _ = _run_raw(raw_path, odd, threads)
+    ref = _logits(classifier, np.stack([resize_and_crop(x, pp) for x in odd]), pp)
+    return {"resize_in_graph": True, "training_uses_the_same_graph": True,
+            "odd_sizes": [list(size) for size in ODD_SIZES], "odd_size_images": len(odd),
+            "odd_size_top1_agreement": float((probs.argmax(1) == ref.argmax(1)).mean()),
+            "odd_size_max_abs_diff_probabilities": float(
+                np.abs(probs - softmax(ref, temperature)).max()),
+            "test_images_max_levels_vs_pillow": pillow_levels(images),
+            "odd_size_max_levels_vs_pillow": pillow_levels(odd)}
 
 
 def _images(paths: list[Path], pp: Preprocessing, max_pixels: int) -> np.ndarray:
@@ -170,7 +277,7 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
 
     from ..core.calibration import (
         calibration_report,
-        fit_temperature,
+        choose_temperature,
         reliability,
         softmax,
     )
@@ -196,19 +303,26 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
         raise PipelineError(f"{prepared_dir}: the val split is empty, so the temperature cannot "
                             "be fitted; set prepare.val_fraction > 0 or "
                             "export.probability_calibration: none")
+    raw_input = params.input == "uint8_nhwc"
     step = max(1, len(train) // params.calibration_images)
     calib_rows = train[::step][:params.calibration_images]
-    test_pixels = _images([root / r["path"] for r in test], pp, max_pixels)
+    test_decoded = _decoded([root / r["path"] for r in test], max_pixels)
+    test_pixels = np.stack([resize_and_crop(x, pp) for x in test_decoded])
     test_labels = np.array([classes.index(r["label"]) for r in test])
     ref_logits_np = _logits(classifier, test_pixels, pp)
     val_labels = np.array([classes.index(r["label"]) for r in val], dtype=np.int64)
     val_logits = (_logits(classifier, _images([root / r["path"] for r in val], pp, max_pixels),
                           pp) if val else np.zeros((0, len(classes)), np.float32))
-    temperature = (fit_temperature(val_logits, val_labels)
-                   if params.probability_calibration == "temperature" else 1.0)
+    fit = (choose_temperature(val_logits, val_labels, params.reliability_bins)
+           if params.probability_calibration == "temperature" else None)
+    temperature = fit["temperature"] if fit else 1.0
+    calibrated = bool(fit and fit["applied"])
     calibration = calibration_report(val_logits, val_labels, ref_logits_np, test_labels,
-                                     temperature, params.probability_calibration,
-                                     params.reliability_bins)
+                                     temperature, "temperature" if calibrated else "none",
+                                     params.reliability_bins, fit)
+    if fit and not calibrated:
+        calibration["fallback"] = ("plain softmax: temperature scaling fitted on part of val "
+                                   "made the other part worse (NLL or ECE)")
     ref_probs = softmax(ref_logits_np, temperature).astype(np.float32)
     ref_top1 = ref_logits_np.argmax(1)
     n_check = min(params.check_images, len(test_pixels))
@@ -219,27 +333,43 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                               "calibration": calibration, "variants": {}}
     failures = []
     with tempfile.TemporaryDirectory() as work:
+        # "fp32" is the shipped file (raw pixels in); the others take the fixed-size crop
         staged = {"fp32": Path(work) / out_path.name}
-        staged |= {v: Path(work) / variant_name(out_path, v) for v in params.variants}
-        report["graph"] = export_fp32(classifier, config, params, staged["fp32"], temperature)
+        fixed = Path(work) / (VARIANT_FILES["fixed"] if raw_input else out_path.name)
+        if raw_input:
+            staged["fixed"] = fixed
+        staged |= {v: Path(work) / VARIANT_FILES[v] for v in params.variants}
+        report["graph"] = export_fp32(classifier, config, params, fixed, temperature,
+                                      calibrated)
+        if raw_input:
+            report["graph"]["raw"] = export_raw(fixed, staged["fp32"], config, params,
+                                                temperature, calibrated)
+            report["preprocessing"] = preprocessing_check(classifier, staged["fp32"],
+                                                          test_decoded, pp, temperature,
+                                                          threads)
         if "fp16" in staged:
-            export_fp16(staged["fp32"], staged["fp16"])
+            export_fp16(fixed, staged["fp16"])
         if "int8" in staged:
             calib = _images([root / r["path"] for r in calib_rows], pp, max_pixels)
-            if params.input != "uint8_nhwc":
+            if not raw_input:
                 calib = normalize(calib, pp)
-            source = staged["fp32"]
+            source = fixed
             if not params.logits_output:  # quantise the graph that ships: a logits output
                 source = Path(work) / "fp32_probabilities_only.onnx"  # changes the QDQ plan
-                shutil.copyfile(staged["fp32"], source)
+                shutil.copyfile(fixed, source)
                 drop_logits_output(source)
             export_int8(source, staged["int8"], calib, params.int8_calibration)
             report["calibration_images"] = len(calib)
         for variant, path in staged.items():
-            probs, logits = _run_ort(path, test_pixels, params, pp)
+            if variant == "fp32" and raw_input:  # the original images, as an app has them
+                probs, logits = _run_raw(path, test_decoded, params.threads)
+            else:
+                probs, logits = _run_ort(path, test_pixels, params, pp)
             top1 = probs.argmax(1)
             row = {
                 "file": path.name,
+                "input": ("raw RGB uint8 [N, H, W, 3], any size" if variant == "fp32"
+                          and raw_input else f"{pp.input_size} x {pp.input_size} crop"),
                 "bytes": path.stat().st_size,
                 "max_abs_diff_probabilities": float(np.abs(probs[:n_check] -
                                                            ref_probs[:n_check]).max()),
@@ -250,15 +380,25 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
             }
             report["variants"][variant] = row
             failures += _check(variant, row, report, params)
+        if raw_input and report["preprocessing"]["odd_size_top1_agreement"] < 1.0:
+            failures.append(f"the shipped model disagrees with PyTorch on "
+                            f"{1 - report['preprocessing']['odd_size_top1_agreement']:.1%} of "
+                            "the odd-size images (in-graph resize)")
         if failures:
             raise PipelineError("export checks failed, nothing written: " + "; ".join(failures))
         if not params.logits_output:
             for path in staged.values():
                 drop_logits_output(path)
         report["outputs"] = ["probabilities"] + (["logits"] if params.logits_output else [])
+        for path in staged.values():
+            write_sidecar(path)
         with atomic_dir(variants_dir) as tmp:
-            for variant in params.variants:
-                shutil.copyfile(staged[variant], tmp / staged[variant].name)
+            for variant in staged:
+                if variant != "fp32":
+                    for f in (staged[variant], sidecar_path(staged[variant])):
+                        shutil.copyfile(f, tmp / f.name)
+        with atomic_file(sidecar_path(out_path)) as tmp:
+            shutil.copyfile(sidecar_path(staged["fp32"]), tmp)
         with atomic_file(out_path) as tmp:
             shutil.copyfile(staged["fp32"], tmp)
     if plots_dir is not None:
@@ -278,21 +418,17 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     return report
 
 
-def variant_name(out_path: Path, variant: str) -> str:
-    return f"{out_path.stem}.{variant}.onnx"
-
-
 def _check(variant: str, row: dict[str, Any], report: dict[str, Any],
            params: ExportParams) -> list[str]:
     fp32_acc = report["variants"].get("fp32", row)["test_accuracy"]
     failures = []
-    if variant == "fp32":
+    if variant in ("fp32", "fixed"):
         row["passed"] = (row["max_abs_diff_probabilities"] <= params.tolerance
                          and (row["max_abs_diff_logits"] is None
                               or row["max_abs_diff_logits"] <= params.tolerance)
                          and row["top1_agreement"] == 1.0)
         if not row["passed"]:
-            failures.append(f"fp32 differs from PyTorch (max |diff| probabilities "
+            failures.append(f"{variant} differs from PyTorch (max |diff| probabilities "
                             f"{row['max_abs_diff_probabilities']:.3g}, logits "
                             f"{row['max_abs_diff_logits']}, top-1 agreement "
                             f"{row['top1_agreement']:.4f}; limit export.tolerance="

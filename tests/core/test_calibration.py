@@ -11,9 +11,12 @@ from pipeline.core.calibration import (
     LOG_T_BOUNDS,
     brier_score,
     calibration_report,
+    choose_temperature,
+    confidence_floor,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    nll_temperature,
     reliability,
     softmax,
 )
@@ -51,17 +54,59 @@ def test_calibrated_probabilities_are_better_and_keep_the_top1():
     assert np.array_equal(softmax(logits, t).argmax(1), logits.argmax(1))
 
 
-def test_fit_is_bounded_and_never_worse_than_one():
-    # perfectly separable: the NLL keeps falling as T -> 0 (until float64 cannot tell); T stays
-    # inside the bounds and sharpens the probabilities
+def test_a_perfect_val_split_cannot_send_the_temperature_to_its_bound():
+    """Perfectly separable val: the NLL alone keeps falling as T -> 0 and hits the lower
+    bound; the fit stops where the mean confidence reaches what 20 right answers vouch for,
+    (20 + 0.5) / 21 under Jeffreys' prior."""
     logits = np.array([[5.0, 0.0], [0.0, 5.0]] * 10)
     labels = np.array([0, 1] * 10)
+    assert nll_temperature(logits, labels) < confidence_floor(logits, labels)
     t = fit_temperature(logits, labels)
-    assert math.exp(LOG_T_BOUNDS[0]) <= t < 0.2
-    assert negative_log_likelihood(logits, labels, t) < 1e-9
-    assert negative_log_likelihood(logits, labels, t) <= negative_log_likelihood(logits, labels)
+    assert math.exp(LOG_T_BOUNDS[0]) <= t <= math.exp(LOG_T_BOUNDS[1])
+    assert t == pytest.approx(confidence_floor(logits, labels))
+    assert softmax(logits, t).max(axis=1).mean() == pytest.approx(20.5 / 21, abs=1e-9)
+    assert t > 1.0  # 0.993 at T = 1 is more than 20 examples vouch for: softer, not sharper
     with pytest.raises(ValueError, match="at least one"):
         fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int))
+
+
+def synthetic(n: int, classes: int, rng: np.random.Generator,
+              scale: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits from which labels are drawn at T = 1 (calibrated by construction), then scaled
+    down 3x (an under-confident network, as label smoothing makes them)."""
+    logits = rng.normal(0.0, scale, size=(n, classes))
+    p = softmax(logits)
+    labels = np.array([rng.choice(classes, p=row) for row in p])
+    return logits / 3.0, labels
+
+
+def test_with_an_error_free_val_split_held_out_nll_and_ece_still_improve():
+    """The failure the NLL-only fit had: val 150/150 right, test (same distribution) 15 errors
+    in 600. NLL-only T collapses to its bound and multiplies the test NLL; the bounded fit
+    lowers both test NLL and ECE."""
+    logits, labels = synthetic(750, 5, np.random.default_rng(0))
+    vl, vy, tl, ty = logits[:150], labels[:150], logits[150:], labels[150:]
+    assert (vl.argmax(1) != vy).sum() == 0 and (tl.argmax(1) != ty).sum() == 15
+    collapsed = nll_temperature(vl, vy)
+    assert negative_log_likelihood(tl, ty, collapsed) > 5 * negative_log_likelihood(tl, ty)
+    chosen = choose_temperature(vl, vy, bins=15)
+    assert chosen["applied"] and chosen["val_errors"] == 0
+    t = chosen["temperature"]
+    assert negative_log_likelihood(tl, ty, t) < negative_log_likelihood(tl, ty)
+    assert expected_calibration_error(softmax(tl, t), ty) < \
+        expected_calibration_error(softmax(tl), ty)
+
+
+def test_the_cross_fitted_check_ships_the_plain_softmax_when_scaling_would_hurt():
+    """Val whose two folds disagree (one all right, one all wrong, as the folds interleave the
+    label-sorted examples): each fold's T makes the other fold worse, so export keeps T = 1."""
+    logits = np.array([[1.0, 0.0], [0.0, 1.0]] * 10)   # every other example predicted 1
+    labels = np.zeros(20, dtype=int)                    # fold 0 right, fold 1 wrong
+    chosen = choose_temperature(logits, labels, bins=15)
+    assert not chosen["cross_fitted"]["passed"] and not chosen["applied"]
+    assert chosen["temperature"] == 1.0 and chosen["fitted_temperature"] != 1.0
+    oof = chosen["cross_fitted"]["out_of_fold"]
+    assert oof["nll_after"] > oof["nll_before"]
 
 
 def test_nll_ece_brier_and_reliability_on_hand_made_cases():

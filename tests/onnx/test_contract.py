@@ -13,7 +13,7 @@ def values() -> dict:
     return {
         "contract": CONTRACT, "classes": ["cat", "dog"], "input_name": "image",
         "input_layout": "NHWC", "input_dtype": "uint8", "input_size": 224,
-        "input_normalized_in_graph": True, "resize_size": 256, "interpolation": "bicubic",
+        "input_normalized_in_graph": True, "input_resized_in_graph": True, "resize_size": 256, "interpolation": "bicubic",
         "crop": "center", "resize_policy": "words", "scale": "1/255", "mean": (0.5, 0.5, 0.5),
         "std": (0.5, 0.5, 0.5), "outputs": ["probabilities"], "probability_calibration": "none",
         "temperature": 1.0, "backbone": "efficientnet_lite0", "backbone_weights": "default",

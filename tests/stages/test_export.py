@@ -50,13 +50,22 @@ def test_one_self_contained_file_with_metadata(exported):
     model = onnx.load(str(root / "out" / "model.onnx"), load_external_data=False)
     onnx.checker.check_model(model, full_check=True)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-    assert [f.name for f in (root / "out").iterdir()] and \
-        sorted(p.name for p in (root / "out").iterdir()) == ["model.onnx", "variants"]
+    assert sorted(p.name for p in (root / "out").iterdir()) == ["model.onnx", "model.onnx.json",
+                                                                 "variants"]
+    assert sorted(p.name for p in (root / "out" / "variants").iterdir()) == [
+        "model.fixed.onnx", "model.fixed.onnx.json", "model.fp16.onnx", "model.fp16.onnx.json",
+        "model.int8.onnx", "model.int8.onnx.json"]
+    # raw pixels of any size in: batch, height and width are free, 3 channels
+    (image,) = model.graph.input
+    dims = image.type.tensor_type.shape.dim
+    assert image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_param != "" for d in dims] == [True, True, True, False] and dims[3].dim_value == 3
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["classes"]) == [str(d) for d in range(10)]
     assert (meta["input_layout"], meta["input_dtype"], meta["input_size"]) == ("NHWC", "uint8",
                                                                               "160")
     assert meta["crop"] == "center" and "centre-crop 160" in meta["resize_policy"]
+    assert meta["input_resized_in_graph"] == "true" and "inside the graph" in meta["resize_policy"]
     assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
     assert meta["backbone"] == "timm:test_efficientnet" and meta["pipeline_version"]
     assert "test_accuracy" in json.loads(meta["training_metrics"])
@@ -68,6 +77,59 @@ def test_one_self_contained_file_with_metadata(exported):
     raw = (root / "out" / "model.onnx").read_bytes()
     assert str(REPO).encode() not in raw and b"stack_trace" not in raw
     assert not any(node.metadata_props or node.doc_string for node in model.graph.node)
+
+
+def test_every_file_has_a_json_sidecar_with_the_same_contract(exported):
+    """Languages whose onnxruntime exposes no ONNX metadata (Node, the browser) read the
+    sidecar: the same table, typed, plus the file's hash."""
+    import hashlib
+
+    from pipeline.onnx.contract import KEYS, decode_metadata
+
+    root, _ = exported
+    for path in [root / "out" / "model.onnx", *sorted((root / "out" / "variants").glob("*.onnx"))]:
+        sidecar = json.loads(Path(f"{path}.json").read_text())
+        model = onnx.load(str(path), load_external_data=False)
+        meta = decode_metadata({p.key: p.value for p in model.metadata_props})
+        assert {k: sidecar[k] for k in KEYS} == json.loads(json.dumps(meta))
+        assert sidecar["file"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert sidecar["input_resized_in_graph"] == (path.name == "model.onnx")
+
+
+def test_the_raw_model_takes_any_size_and_agrees_with_training_preprocessing(exported):
+    """Tall, wide, tiny and large inputs straight into the graph give what the fixed network
+    gives on the training preprocessing of the same pixels; the export report records it."""
+    root, report = exported
+    raw = ort.InferenceSession(str(root / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    fixed = ort.InferenceSession(str(root / "out" / "variants" / "model.fixed.onnx"),
+                                 providers=["CPUExecutionProvider"])
+    _, config = load_model(root / "model.safetensors", root / "model.json")
+    pp = Preprocessing.from_dict(config["preprocessing"])
+    rng = np.random.default_rng(0)
+    for h, w in [(8, 8), (211, 97), (97, 211), (3, 500), (1200, 900), (161, 160)]:
+        x = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        got = raw.run(None, {"image": x})[0]
+        crops = np.stack([resize_and_crop(x[i], pp) for i in range(2)])
+        want = fixed.run(None, {"image": crops})[0]
+        assert np.abs(got - want).max() < 1e-5, (h, w)
+    check = report["preprocessing"]
+    assert check["odd_size_top1_agreement"] == 1.0 and check["odd_size_images"] == 8 * 6
+    assert check["test_images_max_levels_vs_pillow"] <= 2
+    assert report["variants"]["fp32"]["input"].startswith("raw")
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (np.zeros((1, 40, 30), np.uint8), "Invalid rank for input: image"),
+    (np.zeros((1, 40, 30, 4), np.uint8), "image"),
+    (np.zeros((1, 40, 30, 3), np.float32), "tensor(uint8)"),
+])
+def test_a_wrong_tensor_fails_in_onnxruntime_naming_the_input(exported, bad, expected):
+    root, _ = exported
+    session = ort.InferenceSession(str(root / "out" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception) as err:
+        session.run(None, {"image": bad})
+    assert expected in str(err.value)
 
 
 def test_dynamic_batch_really_works(exported):
@@ -104,24 +166,36 @@ def test_runner_matches_the_pytorch_model_and_training_preprocessing(exported):
         label, p = r.top[0]
         assert label == classes[int(probs.argmax())] and p == pytest.approx(probs.max(), abs=1e-4)
         assert len(r.top) == 3 and r.top[0][1] >= r.top[1][1] >= r.top[2][1]
-    # the runner's tensor is exactly the training preprocessing's
+    # the shipped model gets the decoded pixels; a fixed-size variant gets exactly the
+    # training preprocessing's crop
     img = Image.open(paths[0]).convert("RGB")
-    assert np.array_equal(runner.prepare(img), resize_and_crop(img, pp))
+    assert np.array_equal(runner.prepare(img), np.asarray(img))
+    fixed = OnnxClassifier(root / "out" / "variants" / "model.fixed.onnx")
+    assert np.array_equal(fixed.prepare(img), resize_and_crop(img, pp))
+    # mixed sizes in one call: batched by size, same answers as one by one
+    small = img.resize((5, 7))
+    mixed = runner.predict_images([img, small, img])
+    assert mixed[0] == mixed[2] == runner.predict_images([img])[0]
+    assert mixed[1] == runner.predict_images([small])[0]
 
 
 def test_probabilities_are_calibrated_on_val_and_the_figures_are_reported(exported):
     root, report = exported
     cal = report["calibration"]
     meta = OnnxClassifier(root / "out" / "model.onnx").contract.metadata
+    applied = cal["fit"]["applied"]
     assert (meta["probability_calibration"], float(meta["temperature"])) == \
-        ("temperature", cal["temperature"])
-    assert cal["fitted_on"] == "val" and cal["temperature"] != 1.0
+        ("temperature" if applied else "none", cal["temperature"])
+    assert cal["fitted_on"] == "val" and (cal["temperature"] != 1.0) == applied
+    assert applied == cal["fit"]["cross_fitted"]["passed"]
+    assert ("fallback" in cal) == (not applied)
     val, test = cal["val"], cal["test"]
     summary, _, rows = read_prepared(root / "prepared")
     assert val["images"] == sum(r["split"] == "val" for r in rows) and \
         test["images"] == report["test_images"]
-    # T minimises the val NLL, so it beats T = 1 there; top-1 (accuracy) never moves
-    assert val["after"]["nll"] < val["before"]["nll"]
+    # held out: never worse than the plain softmax; top-1 (accuracy) never moves
+    assert test["after"]["nll"] <= test["before"]["nll"]
+    assert test["after"]["ece"] <= test["before"]["ece"]
     for split in (val, test):
         assert split["after"]["accuracy"] == split["before"]["accuracy"]
     assert test["before"]["accuracy"] == report["pytorch_test_accuracy"]
@@ -231,7 +305,9 @@ def test_predict_cli_table_json_and_bad_images(exported, tmp_path):
     table = CliRunner().invoke(main, ["predict", "--model", model, str(folder)])
     assert table.exit_code == 0, table.output
     assert table.output.count(str(folder)) == 3 and "CPUExecutionProvider" in table.output
-    assert "probabilities calibrated, temperature" in table.output
+    calibrated = OnnxClassifier(model).contract.metadata["probability_calibration"]
+    assert ("probabilities calibrated, temperature" if calibrated == "temperature" else
+            "probabilities not calibrated") in table.output
 
 
 def test_predict_marks_predictions_below_min_confidence(exported):
@@ -273,12 +349,22 @@ def test_models_that_break_the_contract_are_refused(exported, tmp_path):
     onnx.save(plain, str(tmp_path / "plain.onnx"))
     with pytest.raises(ModelError, match="not a model exported by `pipeline export`"):
         OnnxClassifier(tmp_path / "plain.onnx")
+    # a plain file is accepted when its JSON sidecar carries the contract
+    (tmp_path / "plain.onnx.json").write_text((root / "out" / "model.onnx.json").read_text())
+    assert OnnxClassifier(tmp_path / "plain.onnx").classes == [str(d) for d in range(10)]
     for prop in model.metadata_props:
-        if prop.key == "input_size":
-            prop.value = "224"
+        if prop.key == "input_resized_in_graph":
+            prop.value = "false"  # claims a fixed 160 x 160 input
     onnx.save(model, str(tmp_path / "lying.onnx"))
     with pytest.raises(ModelError, match="does not match its metadata"):
         OnnxClassifier(tmp_path / "lying.onnx")
+    fixed = onnx.load(str(root / "out" / "variants" / "model.fixed.onnx"))
+    for prop in fixed.metadata_props:
+        if prop.key == "input_size":
+            prop.value = "224"
+    onnx.save(fixed, str(tmp_path / "lying_fixed.onnx"))
+    with pytest.raises(ModelError, match="does not match its metadata"):
+        OnnxClassifier(tmp_path / "lying_fixed.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(ModelError, match="junk.onnx"):
         OnnxClassifier(tmp_path / "junk.onnx")
@@ -334,6 +420,9 @@ def test_readme_snippet_runs_with_onnxruntime_numpy_pillow_only(exported, tmp_pa
     assert "pipeline" not in snippet.replace("models/model.onnx", "")
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.onnx").write_bytes((root / "out" / "model.onnx").read_bytes())
+    (tmp_path / "models" / "model.onnx.json").write_bytes(
+        (root / "out" / "model.onnx.json").read_bytes())
+    assert len(snippet.strip().splitlines()) <= 11  # decode + run: about ten lines
     (tmp_path / "app.py").write_text(snippet)
     paths, _ = _test_images(root)
     env = _blocked_torch_env(tmp_path)
@@ -346,6 +435,7 @@ def test_readme_snippet_runs_with_onnxruntime_numpy_pillow_only(exported, tmp_pa
                             capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     runner = OnnxClassifier(root / "out" / "model.onnx")
+    assert len(result.stdout.splitlines()) == 4
     for line, r in zip(result.stdout.splitlines(), runner.predict_files(paths[:4], top_k=1)):
         label, prob = r.top[0]
         assert line == f"{r.path}: {label} {prob:.3f}"
@@ -473,11 +563,15 @@ def test_card_reads_every_figure_from_the_stage_outputs(exported, tmp_path):
     n = test["num_samples"]
     assert f"* Test: {test['accuracy']:.4f} ({round(test['accuracy'] * n)}/{n}; 95 % CI" in card
     assert hashlib.sha256((root / "out" / "model.onnx").read_bytes()).hexdigest() in card
-    t = export_report["calibration"]["temperature"]
-    assert f"softmax(logits / {t:.4g})" in card and f"T = {t:.4g}" in card
+    cal = export_report["calibration"]
+    t = cal["temperature"]
+    assert f"T = {t:.4g}" in card
+    assert (f"softmax(logits / {t:.4g})" in card) == cal["fit"]["applied"]
+    if not cal["fit"]["applied"]:
+        assert f"plain softmax (not calibrated: {cal['fallback']})" in card
     assert f"the last {finetuned['blocks']} of {finetuned['num_block_groups']} block groups" \
         in card
-    for name in ("fp32", "fp16", "int8"):
+    for name in ("fp32", "fixed", "fp16", "int8"):
         v = export_report["variants"][name]
         assert f"| {name} | `{v['file']}` |" in card and f"{v['test_accuracy']:.4f} |" in card
     assert "Not measured: `reports/bench.json` is missing" in card
