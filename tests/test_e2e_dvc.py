@@ -92,8 +92,13 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     assert exported["variants"]["fp32"]["passed"] and exported["variants"]["int8"]["passed"]
     assert (tmp_path / "models" / "model.onnx").is_file()
     calibration = exported["calibration"]
-    assert calibration["method"] == "temperature" and calibration["temperature"] > 0
-    assert calibration["val"]["after"]["nll"] <= calibration["val"]["before"]["nll"]
+    applied = calibration["fit"]["applied"]
+    assert calibration["method"] == ("temperature" if applied else "none")
+    assert (calibration["temperature"] == 1.0) != applied
+    # held out: calibration never makes the test split worse (the export's own guard uses val)
+    assert calibration["test"]["after"]["nll"] <= calibration["test"]["before"]["nll"]
+    assert calibration["test"]["after"]["ece"] <= calibration["test"]["before"]["ece"]
+    assert (tmp_path / "models" / "model.onnx.json").is_file()
     assert (tmp_path / "plots" / "calibration" / "calibrated.csv").is_file()
     interpreted = json.loads((tmp_path / "reports" / "interpret.json").read_text())
     assert interpreted["splits"]["test"]["accuracy"] == exported["variants"]["fp32"]["test_accuracy"]
