@@ -268,8 +268,13 @@ def interpret(params_path: str, model: str, prepared: str, out: str, metrics: st
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table")
-@click.option("--providers", default="cpu", show_default=True,
-              help="comma-separated, in order of preference: cpu, cuda, tensorrt")
+@click.option("--providers", default="auto", show_default=True,
+              help="auto (the fastest engine for this file in --bench, else cuda, openvino, "
+                   "cpu), or comma-separated in order of preference: cpu, cuda, tensorrt, "
+                   "openvino")
+@click.option("--bench", "bench_report", default=str(PATHS.report_file("bench")),
+              show_default=True, type=click.Path(dir_okay=False),
+              help="`pipeline bench` report that --providers auto chooses from (if present)")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="CPU threads (0: one per CPU this process may use)")
@@ -278,7 +283,7 @@ def interpret(params_path: str, model: str, prepared: str, out: str, metrics: st
               help="mark predictions whose top probability is below this as uncertain")
 @friendly_errors
 def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, providers: str,
-            batch_size: int, threads: int, min_confidence: float) -> None:
+            bench_report: str, batch_size: int, threads: int, min_confidence: float) -> None:
     """Classify images (files or folders) with an exported model; torch is not used.
 
     Exits with status 1 when any image could not be read (the others are still classified).
@@ -288,7 +293,10 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
     from .onnx.runner import OnnxClassifier, expand_inputs
 
     classifier = OnnxClassifier(model, [p.strip() for p in providers.split(",") if p.strip()],
-                                threads)
+                                threads, bench_report)
+    if providers.strip() == "auto" and not as_json:
+        click.echo(f"providers auto: {classifier.requested[0]} ({classifier.chosen_why})",
+                   err=True)
     if not as_json:
         meta = classifier.contract.metadata
         calibrated = (f"probabilities calibrated, temperature {float(meta['temperature']):.3g}"

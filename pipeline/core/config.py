@@ -19,7 +19,7 @@ from .params import load_params_file, param, parse_section
 
 EMBEDDED_DEFAULT = "efficientnet_lite0"
 SplitName = Literal["train", "val", "test"]
-Provider = Literal["cpu", "cuda", "tensorrt"]
+Provider = Literal["cpu", "openvino", "cuda", "tensorrt"]
 Variant = Literal["fp16", "int8"]
 # the finetune keys that decide the cut cache's bytes; dvc.yaml gives the cut_cache stage
 # exactly these (a test keeps the two lists equal), so changing epochs or LRs keeps the cache
@@ -193,7 +193,7 @@ class InterpretParams:
 class BenchParams:
     """``bench`` section of params.yaml."""
 
-    providers: tuple[Provider, ...] = ("cpu", "cuda", "tensorrt")
+    providers: tuple[Provider, ...] = ("cpu", "openvino", "cuda", "tensorrt")
     variants: tuple[Literal["fp32", "fp16", "int8"], ...] = ("fp32", "fp16", "int8")
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     pytorch: bool = True

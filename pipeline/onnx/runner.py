@@ -148,33 +148,50 @@ class OnnxClassifier:
     """An exported model with its contract; ``provider`` is the one onnxruntime really uses."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] = ("cpu",),
-                 threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        from .sessions import preload_gpu_libraries, session_options
+                 threads: int = 0, bench_report: str | Path | None = None) -> None:
+        """``providers``: short names in order of preference, or ``("auto",)``: the fastest
+        engine for this kind of file in ``bench_report`` (else a fixed order); ``chosen_why``
+        says why."""
+        from .sessions import (
+            ANTIALIASED_RESIZE,
+            auto_provider,
+            new_session,
+            preload_gpu_libraries,
+            session_options,
+        )
 
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: model file not found")
         check_external_data(self.path)
+        self.chosen_why = "as requested"
+        if list(providers) == ["auto"]:
+            name, self.chosen_why = auto_provider(_resizes_in_graph(self.path),
+                                                  _variant_of(self.path), bench_report)
+            providers = [name, "cpu"] if name != "cpu" else ["cpu"]
         chosen = resolve_providers(providers)
-        if chosen[0] != "CPUExecutionProvider":
+        if chosen[0] in ("cuda", "tensorrt"):
             preload_gpu_libraries()
         options = []
         for name in chosen:
-            if name == "TensorrtExecutionProvider":
+            if name == "tensorrt":
                 cache = self.path.parent / ".trt_cache"
                 options.append({"trt_engine_cache_enable": True,
                                 "trt_engine_cache_path": str(cache)})
             else:
                 options.append({})
         try:
-            self.session = ort.InferenceSession(str(self.path), session_options(threads),
-                                                providers=chosen, provider_options=options)
+            self.session = new_session(self.path, chosen, session_options(threads), options)
+        except PipelineError:
+            raise
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{self.path}: onnxruntime cannot load it ({text[-300:]})") from None
         self.contract = Contract.from_session(self.session, self.path)
+        if self.contract.resized_in_graph and chosen[0] not in ANTIALIASED_RESIZE:
+            raise ModelError(f"{self.path}: resizes inside the graph with antialiasing, which "
+                             f"{chosen[0]} ignores; use the fixed-size variant "
+                             "(models/variants/model.fixed.onnx or model.int8.onnx) with it")
         self.provider = self.session.get_providers()[0]
         self.requested = chosen
 
@@ -236,6 +253,35 @@ class OnnxClassifier:
             if len(pending) >= batch_size:
                 yield from flush()
         yield from flush()
+
+
+def _variant_of(path: Path) -> str:
+    """The bench variant a file is: ``model.int8.onnx`` -> int8, ``model.fp16.onnx`` -> fp16,
+    anything else (the raw model, the fixed FP32 network) -> fp32."""
+    for variant in ("int8", "fp16"):
+        if path.name.endswith(f".{variant}.onnx"):
+            return variant
+    return "fp32"
+
+
+def _resizes_in_graph(path: Path) -> bool:
+    """From the sidecar or the ONNX metadata, without a session; unknown counts as yes (then
+    only engines that honour antialiased Resize are picked)."""
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        try:
+            return bool(json.loads(sidecar.read_text(encoding="utf-8")).get(
+                "input_resized_in_graph", False))
+        except ValueError:
+            return True
+    try:
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
+                .metadata_props}
+    except Exception:
+        return True
+    return meta.get("input_resized_in_graph", "false") == "true"
 
 
 def expand_inputs(items: Sequence[str | Path]) -> list[Path]:

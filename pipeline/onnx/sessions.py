@@ -1,11 +1,15 @@
-"""onnxruntime sessions: execution-provider names, session options, GPU library preload.
+"""onnxruntime sessions: execution-provider names, session options, engines, the automatic choice.
 
-:data:`PROVIDERS` is the one table of short provider names (``cpu``, ``cuda``, ``tensorrt``) and
-onnxruntime's names, used by ``pipeline predict``, the runner and ``bench``. No torch here.
+:data:`PROVIDERS` is the one table of short provider names (``cpu``, ``cuda``, ``tensorrt``,
+``openvino``) and onnxruntime's names, used by ``pipeline predict``, the runner and ``bench``.
+OpenVINO runs through onnxruntime's plugin execution provider (the ``onnxruntime-ep-openvino``
+package, registered with ``register_execution_provider_library``), so every engine is one
+onnxruntime session with the same inputs and outputs. No torch here.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,7 +17,16 @@ from ..core.errors import PipelineError
 from ..core.runtime import resolve_threads
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "tensorrt": "TensorrtExecutionProvider"}
+             "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
+# engines that honour the antialiased Resize of the raw-pixel model.onnx; the others (OpenVINO,
+# TensorRT ignore `antialias`) get the fixed-size variants, preprocessed by the same graph on CPU
+ANTIALIASED_RESIZE = ("cpu", "cuda")
+# OpenVINO's CPU plugin computes "FP32" models in bf16 on CPUs that have it (AVX512_BF16,
+# AMX) unless told otherwise: on a 2-core Xeon that was both slower (149 vs 214 img/s at batch 1)
+# and less accurate (test 0.9888 vs 0.9926). Every OpenVINO session asks for f32.
+OPENVINO_OPTIONS = {"load_config": '{"CPU": {"INFERENCE_PRECISION_HINT": "f32"}}'}
+OPENVINO_INSTALL = ("pip install onnxruntime-ep-openvino (Linux and Windows x86-64; the "
+                    "project's setup installs it there)")
 
 
 GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
@@ -76,17 +89,105 @@ def ort_session(path: str | Path, threads: int = 0, device: str = "cpu") -> Any:
     return session
 
 
-def resolve_providers(names: Sequence[str]) -> list[str]:
-    """``['cuda', 'cpu']`` -> onnxruntime provider names that this install has, in order."""
+@functools.lru_cache(maxsize=1)
+def openvino_device() -> tuple[Any, str | None]:
+    """(onnxruntime EP device for OpenVINO on the CPU, None) or (None, why not). Registers the
+    plugin library once per process."""
     import onnxruntime as ort
 
+    try:
+        import onnxruntime_ep_openvino as plugin
+    except ImportError:
+        return None, f"onnxruntime-ep-openvino is not installed ({OPENVINO_INSTALL})"
+    if not hasattr(ort, "register_execution_provider_library"):
+        return None, f"onnxruntime {ort.__version__} has no plugin execution providers (>= 1.23)"
+    try:
+        ort.register_execution_provider_library("openvino_ep", plugin.get_library_path())
+    except Exception as exc:  # already registered in this process, or a broken plugin
+        if "already" not in str(exc).lower():
+            return None, f"the OpenVINO plugin did not load: {str(exc).strip()[:200]}"
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == plugin.get_ep_name()
+               and dict(d.ep_metadata).get("ov_device") == "CPU"]
+    if not devices:
+        return None, "the OpenVINO plugin found no CPU device"
+    return devices[0], None
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why provider ``name`` cannot run here, or None when it may (the session decides)."""
+    import onnxruntime as ort
+
+    if name == "openvino":
+        return openvino_device()[1]
+    if PROVIDERS[name] not in ort.get_available_providers():
+        return f"this onnxruntime build has no {PROVIDERS[name]}"
+    return None
+
+
+def new_session(path: str | Path, names: Sequence[str], options: Any,
+                provider_options: Sequence[dict[str, Any]] | None = None) -> Any:
+    """An onnxruntime session on the providers ``names`` (short names, in order of
+    preference; CPU last is the fallback). OpenVINO goes through the plugin EP's device API."""
+    import onnxruntime as ort
+
+    provider_options = list(provider_options or [{} for _ in names])
+    if names and names[0] == "openvino":
+        device, reason = openvino_device()
+        if device is None:
+            raise PipelineError(f"openvino: {reason}")
+        options.add_provider_for_devices([device], {k: str(v) for k, v in
+                                                     (OPENVINO_OPTIONS |
+                                                      provider_options[0]).items()})
+        return ort.InferenceSession(str(path), options)
+    return ort.InferenceSession(str(path), options, providers=[PROVIDERS[n] for n in names],
+                                provider_options=provider_options)
+
+
+def resolve_providers(names: Sequence[str]) -> list[str]:
+    """``['cuda', 'cpu']`` -> the short names that can run here, in order (``openvino`` only
+    first: the plugin EP cannot share a session with CUDA or TensorRT)."""
     unknown = [n for n in names if n not in PROVIDERS]
     if unknown:
         raise PipelineError(f"--providers: unknown provider {unknown[0]!r}; choose from "
-                            f"{', '.join(PROVIDERS)}")
-    available = ort.get_available_providers()
-    chosen = [PROVIDERS[n] for n in names if PROVIDERS[n] in available]
+                            f"auto, {', '.join(PROVIDERS)}")
+    chosen = [n for n in names if unavailable_reason(n) is None]
+    if "openvino" in chosen:
+        chosen = ["openvino", "cpu"] if chosen[0] == "openvino" else \
+            [n for n in chosen if n != "openvino"]
     if not chosen:
-        raise PipelineError(f"--providers: none of {', '.join(names)} is available in this "
-                            f"onnxruntime (available: {', '.join(available)}); add cpu")
+        reasons = "; ".join(f"{n}: {unavailable_reason(n)}" for n in names)
+        raise PipelineError(f"--providers: none of {', '.join(names)} can run here ({reasons}); "
+                            "add cpu")
     return chosen
+
+
+def auto_provider(model_resizes_in_graph: bool, variant: str,
+                  bench_report: str | Path | None = None,
+                  max_accuracy_drop: float = 0.01) -> tuple[str, str]:
+    """(provider, why) for ``--providers auto``: the fastest provider that ran this kind of
+    file in the last ``pipeline bench`` report with accuracy within ``max_accuracy_drop`` of
+    the CPU's FP32 figure; without a report, a fixed order (CUDA, then OpenVINO on an Intel or
+    AMD x86 CPU for a fixed-size file, then CPU). Engines that ignore antialiased Resize are
+    never picked for the raw-pixel model."""
+    import json
+
+    allowed = [n for n in PROVIDERS
+               if unavailable_reason(n) is None
+               and (n in ANTIALIASED_RESIZE or not model_resizes_in_graph)]
+    report = Path(bench_report) if bench_report else None
+    if report is not None and report.is_file():
+        rows = [r for r in json.loads(report.read_text(encoding="utf-8")).get("rows", [])
+                if r.get("status") == "ok" and r.get("engine") == "onnxruntime"]
+        reference = [r["accuracy"] for r in rows
+                     if r["provider"] == "cpu" and r["variant"] == "fp32"]
+        ok = [r for r in rows if r["variant"] == variant and r["provider"] in allowed
+              and (not reference or r["accuracy"] >= max(reference) - max_accuracy_drop)]
+        if ok:
+            best = max(ok, key=lambda r: (r["throughput_ips"], -r["batch_size"]))
+            return best["provider"], (f"fastest {variant} in {report} "
+                                      f"({best['throughput_ips']:.0f} img/s at batch "
+                                      f"{best['batch_size']}, accuracy {best['accuracy']:.4f})")
+    for name in ("cuda", "openvino", "cpu"):
+        if name in allowed:
+            return name, "no bench report for this kind of file; fixed order cuda, openvino, cpu"
+    return "cpu", "fallback"

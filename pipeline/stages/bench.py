@@ -53,7 +53,7 @@ from ..core.imageio import load_prepared_rgb
 from ..core.params import as_dict
 from ..core.runtime import available_cpus, cpu_name, cuda_tf32, resolve_threads
 from ..onnx.contract import VARIANT_FILES
-from ..onnx.sessions import PROVIDERS, cuda_tf32_option
+from ..onnx.sessions import PROVIDERS, new_session, unavailable_reason, cuda_tf32_option
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
 
@@ -129,6 +129,8 @@ def provider_options(provider: str, params: BenchParams, input_shape: tuple[int,
                 "trt_profile_min_shapes": f"image:{low}x{dims}",
                 "trt_profile_opt_shapes": f"image:{high}x{dims}",
                 "trt_profile_max_shapes": f"image:{high}x{dims}"}
+    if provider == "openvino":  # the same thread count as the CPU rows
+        return {"num_of_threads": resolve_threads(params.threads)}
     return {}
 
 
@@ -136,23 +138,22 @@ def make_session(path: Path, provider: str, params: BenchParams,
                  input_shape: tuple[int, ...]) -> tuple[Any, str, float]:
     """(session, provider actually used, creation seconds). GPU providers keep CPU as the
     fallback onnxruntime uses for unsupported nodes; the *first* provider tells what ran."""
-    import onnxruntime as ort
 
     from ..onnx.sessions import preload_gpu_libraries, session_options
 
-    names = [PROVIDERS[provider]]
+    names = [provider]
     options = [provider_options(provider, params, input_shape, Path(params.trt_cache_dir))]
     if provider == "tensorrt":  # nodes TensorRT rejects go to CUDA, then CPU
-        names.append(PROVIDERS["cuda"])
+        names.append("cuda")
         options.append(provider_options("cuda", params, input_shape, Path()))
-    if provider != "cpu":
+    if provider in ("cuda", "tensorrt"):
         preload_gpu_libraries()
-        names.append(PROVIDERS["cpu"])
+    if provider != "cpu":
+        names.append("cpu")
         options.append({})
     t0 = time.perf_counter()
-    session = ort.InferenceSession(str(path), session_options(params.threads,
-                                                              params.graph_optimization),
-                                   providers=names, provider_options=options)
+    session = new_session(path, names, session_options(params.threads,
+                                                       params.graph_optimization), options)
     return session, session.get_providers()[0], time.perf_counter() - t0
 
 
@@ -187,15 +188,6 @@ def failure_reason(lines: list[str]) -> str:
                 text = line.split(marker, 1)[1] if marker == "with error: " else line
                 return re.sub(r"\x1b\[[0-9;]*m|\[m", "", text).strip()[:200]
     return "no GPU, or CUDA/cuDNN/TensorRT libraries missing"
-
-
-def unavailable_reason(provider: str) -> str | None:
-    """Why ``provider`` cannot run here, or None when it may (session creation decides)."""
-    import onnxruntime as ort
-
-    if PROVIDERS[provider] not in ort.get_available_providers():
-        return f"this onnxruntime build has no {PROVIDERS[provider]}"
-    return None
 
 
 # --------------------------------------------------------------------------- rows
@@ -356,6 +348,65 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _accurate(rows: list[dict[str, Any]], max_drop: float = 0.01) -> list[dict[str, Any]]:
+    """onnxruntime rows that ran and kept accuracy within ``max_drop`` of the CPU FP32 row."""
+    ok = [r for r in rows if r["status"] == "ok" and r["engine"] == "onnxruntime"]
+    reference = [r["accuracy"] for r in ok if (r["provider"], r["variant"]) == ("cpu", "fp32")]
+    return [r for r in ok if not reference or r["accuracy"] >= max(reference) - max_drop]
+
+
+def _best_cpu_path(rows: list[dict[str, Any]], batch: int) -> dict[str, Any] | None:
+    """The fastest accurate CPU engine (onnxruntime CPU or OpenVINO, any variant) at ``batch``."""
+    cands = [r for r in _accurate(rows) if r["provider"] in ("cpu", "openvino")
+             and r["batch_size"] == batch]
+    return max(cands, key=lambda r: r["throughput_ips"]) if cands else None
+
+
+def fastest(rows: list[dict[str, Any]], machine: dict[str, Any]) -> dict[str, Any]:
+    """Per device kind, the fastest accurate engine/variant/batch for latency (batch 1) and for
+    throughput, with the GFLOP/s it sustains next to the CPU's FP32 peak and matmul rate."""
+    out: dict[str, Any] = {}
+    gflop = machine.get("gflop_per_image")
+    for kind, providers in (("cpu", ("cpu", "openvino")), ("gpu", ("cuda", "tensorrt"))):
+        cands = [r for r in _accurate(rows) if r["provider"] in providers]
+        if not cands:
+            continue
+        ones = [r for r in cands if r["batch_size"] == 1]
+        for goal, pool, key in (("latency", ones, lambda r: -r["p50_ms"]),
+                                ("throughput", cands, lambda r: r["throughput_ips"])):
+            if not pool:
+                continue
+            r = max(pool, key=key)
+            entry = {k: r[k] for k in ("provider", "variant", "batch_size", "p50_ms",
+                                       "throughput_ips", "accuracy")}
+            if gflop:
+                entry["sustained_gflops"] = round(r["throughput_ips"] * gflop, 1)
+                if kind == "cpu" and machine.get("cpu_peak_gflops"):
+                    entry["share_of_fp32_peak"] = round(entry["sustained_gflops"] /
+                                                        machine["cpu_peak_gflops"], 3)
+            out[f"{kind}_{goal}"] = entry
+    return out
+
+
+def machine_figures(weights_path: Path, config_path: Path, threads: int) -> dict[str, Any]:
+    """The network's work per image and this CPU's FP32 ceilings (measured and theoretical)."""
+    import torch
+
+    from ..core.compute import cpu_peak_gflops, forward_macs, matmul_gflops
+    from ..core.model import load_model
+
+    out: dict[str, Any] = {"cpu": cpu_name()}
+    peak = cpu_peak_gflops(threads)
+    out |= {"cpu_peak_gflops": peak["peak_gflops"], "cpu_peak_basis": peak,
+            "cpu_matmul_gflops": round(matmul_gflops(), 1)}
+    if weights_path.is_file() and config_path.is_file():
+        model, config = load_model(weights_path, config_path)
+        size = config["preprocessing"]["input_size"]
+        macs = forward_macs(model, torch.zeros(1, 3, size, size))
+        out["gflop_per_image"] = round(2 * macs / 1e9, 4)
+    return out
+
+
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Speedups at equal batch size: ORT FP32 / eager, INT8 / FP32, TRT / CUDA FP32."""
     def tput(engine: str, provider: str, variant: str, b: int) -> float | None:
@@ -376,6 +427,14 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
                                                tput("pytorch", "cuda", "fp32 eager", b)),
             f"tensorrt_fp32_over_cuda_fp32_b{b}": (tput("onnxruntime", "tensorrt", "fp32", b),
                                                    tput("onnxruntime", "cuda", "fp32", b)),
+            f"openvino_fp32_over_cpu_fp32_b{b}": (tput("onnxruntime", "openvino", "fp32", b),
+                                                  tput("onnxruntime", "cpu", "fp32", b)),
+            f"openvino_int8_over_openvino_fp32_b{b}": (
+                tput("onnxruntime", "openvino", "int8", b),
+                tput("onnxruntime", "openvino", "fp32", b)),
+            f"best_cpu_path_over_cpu_fp32_b{b}": (
+                _best_cpu_path(rows, b)["throughput_ips"] if _best_cpu_path(rows, b) else None,
+                tput("onnxruntime", "cpu", "fp32", b)),
         }
         out |= {k: round(a / c, 2) for k, (a, c) in pairs.items() if a and c}
     return out
@@ -401,6 +460,21 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['mean_ms']:.2f} ± {r['std_ms']:.2f} | {r['throughput_ips']:.1f} | "
                      f"{r['accuracy']:.4f} | {r['first_inference_ms']:.1f} | "
                      f"{r['session_create_s']:.2f} | {r['peak_rss_mb']} |")
+    machine = report.get("machine", {})
+    if report.get("fastest"):
+        lines += ["", f"Fastest accurate path (accuracy within 1 point of onnxruntime CPU "
+                  f"FP32) on {env['cpu']}: network {machine.get('gflop_per_image', '?')} GFLOP "
+                  f"per image; CPU FP32 peak {machine.get('cpu_peak_gflops')} GFLOP/s "
+                  f"(estimate: {machine.get('cpu_peak_basis', {}).get('cores')} cores x "
+                  f"{machine.get('cpu_peak_basis', {}).get('clock_ghz')} GHz x "
+                  f"{machine.get('cpu_peak_basis', {}).get('flop_per_cycle')} FLOP/cycle), "
+                  f"measured matrix product {machine.get('cpu_matmul_gflops')} GFLOP/s", "",
+                  "| goal | provider | variant | batch | p50 ms | img/s | accuracy | GFLOP/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for goal, f in report["fastest"].items():
+            lines.append(f"| {goal} | {f['provider']} | {f['variant']} | {f['batch_size']} | "
+                         f"{f['p50_ms']:.2f} | {f['throughput_ips']:.1f} | {f['accuracy']:.4f} | "
+                         f"{f.get('sustained_gflops', '')} |")
     lines += ["", "Speedups at equal batch size (throughput ratios, this run):", ""]
     lines += [f"- {k}: {v:.2f}x" for k, v in report["ratios"].items()]
     lines += ["", *[f"**{line}**" for line in report["summary"]]]
@@ -515,6 +589,8 @@ def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
     }
     report["ratios"] = ratios(report_rows)
     report["summary"] = summary_lines(report_rows)
+    report["machine"] = machine_figures(Path(weights_path), Path(config_path), threads)
+    report["fastest"] = fastest(report_rows, report["machine"])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "bench.json", report)
     if metrics_path is not None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ from ..core.atomic import write_json
 from ..core.backbones import build_backbone
 from ..core.blocks import set_bn_modes, split_backbone
 from ..core.caches import CutCache
+from ..core.compute import forward_macs, matmul_gflops
 from ..core.config import BackboneParams, FinetuneParams
 from ..core.dataset import SPLITS, image_root, read_prepared, split_rows
 from ..core.errors import PipelineError
@@ -53,46 +53,6 @@ from ..stages.finetune import (
     train_epoch,
     trainable_model,
 )
-
-
-def forward_macs(module: Any, x: Any) -> int:
-    """Multiply-accumulates of ``module``'s convolutions and linear layers on input ``x``."""
-    import torch
-    from torch import nn
-
-    total = 0
-
-    def count(layer: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(layer, nn.Conv2d):
-            kh, kw = layer.kernel_size
-            total += out.numel() * (layer.in_channels // layer.groups) * kh * kw
-        elif isinstance(layer, nn.Linear):
-            total += out.numel() * layer.in_features
-
-    handles = [m.register_forward_hook(count) for m in module.modules()]
-    try:
-        with torch.no_grad():
-            module(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """This CPU's FP32 matrix-product rate (GFLOP/s) at the current torch thread count
-    (best of ``repeats``; on a shared machine single products vary by 20 % and more)."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best / 1e9
 
 
 def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: str | Path,

@@ -79,15 +79,30 @@ def test_weights_of_wrong_architecture_are_refused(tmp_path):
         tiny(weights=str(path))
 
 
-def test_pickled_objects_are_never_unpickled(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+class _Evil:
+    """Unpickling this runs code: it creates the file named in ``marker``."""
 
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_objects_are_never_unpickled(tmp_path):
+    marker = tmp_path / "payload_ran"
     path = tmp_path / "evil.pt"
-    torch.save({"x": Evil()}, str(path))
+    torch.save({"x": _Evil(str(marker))}, str(path))
     with pytest.raises(PipelineError, match="pickles are refused"):
         load_weights_file(path)
+    assert not marker.exists()  # the payload did not run (not only a message)
+    # the resume state is loaded the same way: a tampered file runs nothing either
+    from pipeline.core.training import load_resume
+
+    torch.save({"key": "k", "x": _Evil(str(marker))}, str(tmp_path / "resume.pt"))
+    with pytest.raises(Exception):
+        load_resume(tmp_path / "resume.pt", "k")
+    assert not marker.exists()
     with pytest.raises(PipelineError, match="unsupported weights file type"):
         (tmp_path / "w.pkl").write_bytes(b"x")
         load_weights_file(tmp_path / "w.pkl")

@@ -42,6 +42,7 @@ def test_cpu_rows_are_complete_and_accuracy_is_real(exported, tmp_path):
         # the provider that really ran is the row's own (CUDA rows appear on a GPU machine)
         assert r["provider_used"] in {
             "cpu": ("CPUExecutionProvider", "torch:cpu"),
+            "openvino": ("OpenVINOExecutionProvider",),
             "cuda": ("CUDAExecutionProvider", "torch:cuda")}[r["provider"]]
         assert r["tf32"] is (True if r["provider"] == "cuda" else None)
     # accuracy is measured, not copied: it matches the runner on the same test images
@@ -54,7 +55,8 @@ def test_cpu_rows_are_complete_and_accuracy_is_real(exported, tmp_path):
     results = runner.predict_files([image_root(root / "prepared", summary) / r["path"]
                                     for r in test], top_k=1)
     expected = np.mean([res.top[0][0] == r["label"] for res, r in zip(results, test)])
-    fp32 = next(r for r in ok if (r["engine"], r["variant"]) == ("onnxruntime", "fp32"))
+    fp32 = next(r for r in ok if (r["engine"], r["provider"], r["variant"]) ==
+                ("onnxruntime", "cpu", "fp32"))
     assert fp32["accuracy"] == pytest.approx(expected)
     assert report["accuracy_images"] == len(test)
     # outputs: JSON rows, a markdown table and a PNG plot
@@ -158,3 +160,30 @@ def test_cuda_options_carry_the_tf32_choice(tmp_path):
     table = markdown(report)
     assert "| onnxruntime | cuda | fp32, TF32 allowed | 8 | ok |" in table
     assert "| onnxruntime | cuda | fp32 | 8 | ok |" in table
+
+
+def test_openvino_rows_run_through_the_plugin_or_say_why_not(exported, tmp_path):
+    """OpenVINO is an onnxruntime plugin EP: its rows time the fixed-size files with the same
+    accuracy column, or are 'unavailable' with the install command."""
+    from pipeline.onnx.sessions import unavailable_reason
+
+    report = _run(exported, tmp_path, QUICK)
+    rows = [r for r in report["rows"] if r["provider"] == "openvino"]
+    assert {r["variant"] for r in rows} == {"fp32", "fp16", "int8"}
+    reason = unavailable_reason("openvino")
+    if reason is not None:
+        assert all(r["status"] == "unavailable" and "onnxruntime-ep-openvino" in r["reason"]
+                   for r in rows)
+        return
+    ok = {(r["variant"], r["batch_size"]): r for r in rows if r["status"] == "ok"}
+    assert set(ok) == {(v, b) for v in ("fp32", "fp16", "int8") for b in (1, 3)}
+    cpu = {(r["variant"], r["batch_size"]): r for r in report["rows"]
+           if r["provider"] == "cpu" and r["engine"] == "onnxruntime"}
+    # same file, same images: FP32 accuracy equal to onnxruntime CPU's within one image
+    n = report["accuracy_images"]
+    assert abs(ok["fp32", 1]["accuracy"] - cpu["fp32", 1]["accuracy"]) <= 1 / n + 1e-9
+    assert ok["int8", 3]["provider_used"] == "OpenVINOExecutionProvider"
+    assert "openvino_fp32_over_cpu_fp32_b1" in report["ratios"]
+    fastest = report["fastest"]["cpu_throughput"]
+    assert fastest["provider"] in ("cpu", "openvino") and fastest["sustained_gflops"] > 0
+    assert report["machine"]["gflop_per_image"] > 0 and report["machine"]["cpu_matmul_gflops"] > 0

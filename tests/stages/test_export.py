@@ -586,3 +586,56 @@ def test_card_reads_every_figure_from_the_stage_outputs(exported, tmp_path):
         str(tmp_path / "broken.json"), "--out", str(tmp_path / "card2.md")])
     assert bad.exit_code == 1 and "broken.json: not valid JSON" in bad.output
     assert not (tmp_path / "card2.md").exists()
+
+
+def test_the_temperature_is_fitted_on_val_not_on_test(exported):
+    """Recomputed from the PyTorch model: the reported fit is the val split's, and fitting on
+    the test split would have given another value (so this check can tell them apart)."""
+    from pipeline.core.calibration import choose_temperature
+    from pipeline.core.imageio import load_prepared_rgb
+    from pipeline.core.preprocess import normalize
+
+    root, report = exported
+    model, config = load_model(root / "model.safetensors", root / "model.json")
+    pp = Preprocessing.from_dict(config["preprocessing"])
+    summary, classes, rows = read_prepared(root / "prepared")
+    base = image_root(root / "prepared", summary)
+
+    def logits(split):
+        chosen = [r for r in rows if r["split"] == split]
+        x = np.stack([normalize(resize_and_crop(load_prepared_rgb(base / r["path"]), pp), pp)
+                      for r in chosen])
+        with torch.no_grad():
+            out = model(torch.from_numpy(x)).numpy()
+        return out, np.array([classes.index(r["label"]) for r in chosen])
+
+    bins = report["calibration"]["bins"]
+    on_val = choose_temperature(*logits("val"), bins)["fitted_temperature"]
+    on_test = choose_temperature(*logits("test"), bins)["fitted_temperature"]
+    assert report["calibration"]["fit"]["fitted_temperature"] == pytest.approx(on_val, rel=1e-6)
+    assert on_test != pytest.approx(on_val, rel=1e-3)
+
+
+@pytest.mark.parametrize("variant, row, message", [
+    ("fp32", {"max_abs_diff_probabilities": 2e-4, "max_abs_diff_logits": 0.0,
+              "top1_agreement": 1.0}, "fp32 differs from PyTorch"),
+    ("fp32", {"max_abs_diff_probabilities": 0.0, "max_abs_diff_logits": 2e-4,
+              "top1_agreement": 1.0}, "logits 0.0002"),
+    ("fp32", {"max_abs_diff_probabilities": 0.0, "max_abs_diff_logits": None,
+              "top1_agreement": 0.99}, "top-1 agreement 0.9900"),
+    ("fixed", {"max_abs_diff_probabilities": 2e-4, "max_abs_diff_logits": None,
+               "top1_agreement": 1.0}, "fixed differs from PyTorch"),
+    ("fp16", {"top1_agreement": 0.99}, "fp16 top-1 agreement 0.9900 < export.fp16_min"),
+    ("int8", {"test_accuracy": 0.88}, "int8 test accuracy 0.8800 is 0.0200 below fp32"),
+])
+def test_each_export_gate_fails_on_its_own(variant, row, message):
+    """Every clause of every gate can fail by itself (the FP32 check is not only the
+    probabilities diff); the stage then writes nothing (tested end to end above)."""
+    from pipeline.stages.export import _check
+
+    report = {"variants": {"fp32": {"test_accuracy": 0.90}}}
+    failures = _check(variant, dict(row), report, ExportParams())
+    assert len(failures) == 1 and message in failures[0]
+    passing = {"max_abs_diff_probabilities": 0.0, "max_abs_diff_logits": 0.0,
+               "top1_agreement": 1.0, "test_accuracy": 0.90}
+    assert _check(variant, passing, report, ExportParams()) == []

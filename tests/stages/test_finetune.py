@@ -201,9 +201,13 @@ def test_disabled_writes_the_head_only_model(project, tmp_path):
                                                   head.state_dict().values()))
 
 
-def test_cut_and_classic_paths_train_the_same_model(project, tmp_path):
-    params = dataclasses.replace(FAST, augment="none", epochs=2, patience=0)
-    cache = build_cache(project, params, "cache_plain")
+@pytest.mark.parametrize("augment, views", [("none", 1), ("light", 2)])
+def test_cut_and_classic_paths_train_the_same_model(project, tmp_path, augment, views):
+    """With augmentation and 2 views, epoch e must use view (e - 1) % K on both paths: a
+    classic path that picked another view trains another model."""
+    params = dataclasses.replace(FAST, augment=augment, views=views, epochs=2, patience=0,
+                                 lr_backbone=3e-3, lr_head=3e-3)
+    cache = build_cache(project, params, f"cache_{augment}_{views}")
     cut = finetune(project, params, tmp_path / "cut", cache=cache)
     classic = finetune(project, dataclasses.replace(params, mode="classic"),
                        tmp_path / "classic", cache=tmp_path / "unused")
@@ -214,7 +218,7 @@ def test_cut_and_classic_paths_train_the_same_model(project, tmp_path):
     diffs = [float((x - y).abs().max()) for x, y in zip(a.state_dict().values(),
                                                          b.state_dict().values())
              if x.is_floating_point()]
-    assert max(diffs) <= 1e-5
+    assert max(diffs) <= 1e-4  # float rounding of two orders of the same arithmetic
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(project, tmp_path):
