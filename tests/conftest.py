@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
+
+
+def sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """Run a command; fail the test with its output unless it succeeds; return the output."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
 
 
 def copy_project(dest: Path) -> None:

@@ -1,11 +1,10 @@
 """End to end: the real `dvc repro` chain on a tiny params set (real embedded backbone)."""
 
 import json
-import subprocess
 
 import pytest
 
-from .conftest import copy_project
+from .conftest import copy_project, sh
 
 TINY_PARAMS = """\
 prepare:
@@ -63,11 +62,6 @@ bench:
 def finetuned_test_accuracy(root):
     return json.loads((root / "reports" / "finetune.json").read_text())["test"]["accuracy"]
 
-
-def sh(args, cwd, env):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 @pytest.mark.slow

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from pipeline.onnx.contract import CONTRACT, FIELDS, KEYS, decode_metadata, encode_metadata
+from pipeline.onnx.contract import (
+    CONTRACT,
+    FIELDS,
+    KEYS,
+    decode_metadata,
+    encode_metadata,
+)
 
 
 def values() -> dict:

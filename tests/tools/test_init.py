@@ -21,7 +21,7 @@ from pipeline.core.fingerprint import (
     write_fingerprints,
 )
 
-from ..conftest import TINY_BACKBONE, make_image
+from ..conftest import TINY_BACKBONE, make_image, sh
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,11 +169,6 @@ TINY = {
               "time_budget_s": 0.2, "warmup": 0, "threads": 2, "pytorch": False},
 }
 
-
-def sh(args, cwd, env):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 @pytest.mark.slow
