@@ -639,3 +639,28 @@ def test_each_export_gate_fails_on_its_own(variant, row, message):
     passing = {"max_abs_diff_probabilities": 0.0, "max_abs_diff_logits": 0.0,
                "top1_agreement": 1.0, "test_accuracy": 0.90}
     assert _check(variant, passing, report, ExportParams()) == []
+
+
+def test_the_runner_refuses_absolute_external_data_and_a_wrong_output_width(exported, tmp_path):
+    root, _ = exported
+    model = onnx.load(str(root / "out" / "variants" / "model.fixed.onnx"))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    (tmp_path / "w.bin").write_bytes(tensor.raw_data)
+    length = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", str(tmp_path / "w.bin")), ("offset", "0"),
+                       ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    (tmp_path / "abs.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="outside the model's folder"):
+        OnnxClassifier(tmp_path / "abs.onnx")  # even though the file sits right there
+    # metadata promising 11 classes on a 10-wide output
+    fixed = onnx.load(str(root / "out" / "variants" / "model.fixed.onnx"))
+    for prop in fixed.metadata_props:
+        if prop.key == "classes":
+            prop.value = json.dumps([str(d) for d in range(11)])
+    onnx.save(fixed, str(tmp_path / "wide.onnx"))
+    with pytest.raises(ModelError, match="do not give probabilities for the 11 classes"):
+        OnnxClassifier(tmp_path / "wide.onnx")

@@ -132,3 +132,16 @@ def test_sklearn_digits_subsample(tmp_path):
     assert summary["num_classes"] == 10 and summary["num_images"] == 100
     rows = rows_of(out)
     assert (out / "images" / rows[0]["path"]).is_file()
+
+
+def test_max_image_pixels_is_applied_by_prepare(image_folder, tmp_path):
+    """prepare.max_image_pixels reaches the decoder: an image above it is rejected as a
+    decompression bomb (named in rejected.csv), the same image below it is kept."""
+    make_image(image_folder / "cat" / "big.png", seed=999, size=(300, 200))
+    strict = run(PrepareParams(source="folder", path=str(image_folder), max_image_pixels=50_000),
+                 tmp_path / "strict")
+    rejected = (tmp_path / "strict" / "rejected.csv").read_text()
+    assert "cat/big.png" in rejected and strict["num_rejected"] == 1
+    loose = run(PrepareParams(source="folder", path=str(image_folder), max_image_pixels=60_000),
+                tmp_path / "loose")
+    assert loose["num_rejected"] == 0 and loose["num_images"] == strict["num_images"] + 1
