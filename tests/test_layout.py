@@ -127,3 +127,10 @@ def test_paths_derive_from_one_root(tmp_path):
 def test_dvc_metrics_are_headline_files_and_reports_are_not_metrics():
     metrics = [next(iter(m)) for s in DVC.values() for m in s.get("metrics", [])]
     assert metrics and all(re.fullmatch(r"metrics/\w+\.json", m) for m in metrics)
+
+
+def test_dvc_ignores_bytecode_so_folder_deps_hash_only_source():
+    """The stages depend on whole folders; Python's __pycache__ inside them must not count,
+    or a fresh clone (no bytecode) or another Python version would re-run every stage."""
+    ignored = (REPO / ".dvcignore").read_text().splitlines()
+    assert "__pycache__/" in ignored and "*.pyc" in ignored
