@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -563,6 +564,31 @@ def bench_scaling(params_path: str, prepared: str, cut_cache_dir: str, head_mode
     if not procs or min(procs) < 1:
         raise click.BadParameter("--procs must list process counts >= 1")
     run(params_path, prepared, cut_cache_dir, head_model, head_config, out, procs, epochs)
+
+
+@main.command("bench-data")
+@click.option("--n", "count", default=250, show_default=True, type=click.IntRange(8),
+              help="VGA images in the small run (the large one has --scale times more)")
+@click.option("--n-phone", default=60, show_default=True, type=click.IntRange(8),
+              help="phone-size (4032x3024) images in the small run")
+@click.option("--scale", default=4, show_default=True, type=click.IntRange(2))
+@click.option("--views", default=4, show_default=True, type=click.IntRange(1),
+              help="cut_cache augmented views")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
+              help="features/cut_cache loader processes")
+@click.option("--work", default="data/bench_data", show_default=True,
+              type=click.Path(file_okay=False), help="generated images and runs (kept)")
+@click.option("--out", default="reports/bench_data.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--md", default="reports/bench_data.md", show_default=True,
+              type=click.Path(dir_okay=False))
+@friendly_errors
+def bench_data(count: int, n_phone: int, scale: int, views: int, workers: int, work: str,
+               out: str, md: str) -> None:
+    """Photo data path: per stage img/s end to end vs network-only, N -> scale x N, peak RSS."""
+    from .tools.bench_data import run
+
+    run(Path(out), Path(md), Path(work), count, n_phone, scale, views, 1_000_000, workers)
 
 
 @main.command()

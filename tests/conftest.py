@@ -158,3 +158,12 @@ def finetune(project: Path, params: FinetuneParams, out: Path, cache: Path | Non
                out / "metrics.json", out / "plots", out / "timing.json", **kwargs)
 
 
+
+
+def original_pixels(path: Path, pp) -> np.ndarray:
+    """The network input (float32 CHW) made from the ORIGINAL file, as before prepare wrote
+    decoded copies: the reference that stages reading the copies must reproduce."""
+    from pipeline.core.imageio import load_rgb
+    from pipeline.core.preprocess import preprocess
+
+    return preprocess(load_rgb(path), pp)

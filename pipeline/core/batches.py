@@ -11,45 +11,60 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .augment import Augment, augment, view_rng
 from .errors import PipelineError
-from .imageio import DEFAULT_MAX_PIXELS, load_prepared_rgb
-from .preprocess import Preprocessing, normalize, resize_and_crop
+from .copies import PreparedImages
+from .preprocess import Preprocessing, normalize
 
 CUT_CACHE_KEYS = ("enabled", "blocks", "mode", "views", "augment", "cache_dtype", "seed",
                   "threads")
 
 
-def view_pixels(path: Path, pp: Preprocessing, policy: Augment, seed: int, image: int,
-                view: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """One network input (float32 CHW): shared preprocessing, then the seeded augmentation."""
-    pixels = resize_and_crop(load_prepared_rgb(path, max_pixels=max_pixels), pp)
+def view_pixels(images: PreparedImages, key: str, pp: Preprocessing, policy: Augment, seed: int,
+                image: int, view: int) -> np.ndarray:
+    """One network input (float32 CHW) from the decoded copy of ``key``: shared preprocessing,
+    then the seeded augmentation."""
+    pixels = images.crop(key, pp)
     if policy != "none":
         pixels = augment(pixels, policy, view_rng(seed, image, view))
     return normalize(pixels, pp)
 
 
-def image_batches(paths: Sequence[Path], pp: Preprocessing, batches: Sequence[Sequence[int]],
-                  workers: int = 0, policy: Augment = "none", seed: int = 0, view: int = 0,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[np.ndarray]:
-    """Yield float32 NCHW arrays for each list of indices in ``batches``, in that order."""
+def image_batches(images: PreparedImages, keys: Sequence[str], pp: Preprocessing,
+                  batches: Sequence[Sequence[int]], workers: int = 0, policy: Augment = "none",
+                  seed: int = 0, view: int = 0) -> Iterator[np.ndarray]:
+    """Yield float32 NCHW arrays for each list of indices (into ``keys``) in ``batches``, in
+    that order. With ``workers`` > 0 the batches are made in worker processes while the caller
+    runs the network, at most two batches ahead per worker (bounded memory)."""
     from torch.utils.data import DataLoader, Dataset
+
+    images.require(pp.resize_size)
 
     class _Views(Dataset):  # type: ignore[type-arg]
         def __len__(self) -> int:
-            return len(paths)
+            return len(keys)
 
         def __getitem__(self, index: int) -> np.ndarray:
-            return view_pixels(paths[index], pp, policy, seed, index, view, max_pixels)
+            return view_pixels(images, keys[index], pp, policy, seed, index, view)
 
     loader = DataLoader(_Views(), batch_sampler=[list(b) for b in batches], num_workers=workers,
-                        collate_fn=lambda items: np.stack(items))
+                        collate_fn=_stack, prefetch_factor=2 if workers else None,
+                        worker_init_fn=_worker_init if workers else None)
     yield from loader
+
+
+def _stack(items: list[np.ndarray]) -> np.ndarray:
+    return np.stack(items)
+
+
+def _worker_init(_worker: int) -> None:
+    from .resize_graph import clear_sessions
+
+    clear_sessions()
 
 
 def sequential_batches(n: int, batch_size: int) -> list[list[int]]:

@@ -40,6 +40,10 @@ class PrepareParams:
     max_images_per_class: int | None = param(None, ge=3, help="seeded subsample per class")
     max_image_pixels: int = param(DEFAULT_MAX_PIXELS, ge=1)
     duplicates: Literal["drop", "keep"] = "drop"
+    short_side: int = param(256, ge=8, help="shorter side of the decoded copies that later "
+                            "stages read (the backbone's resize size gives exact crops)")
+    workers: int | None = param(None, ge=0, help="decoding processes (null: one per CPU; "
+                                "0 or 1: in-process)")
 
     def validate(self, section: str) -> None:
         if self.val_fraction + self.test_fraction >= 0.9:

@@ -51,9 +51,10 @@ def read_prepared(prepared_dir: str | Path) -> tuple[dict[str, Any], list[str], 
     return summary, classes, rows
 
 
-def split_rows(rows: list[dict[str, str]], classes: list[str], root: Path,
-               split: str) -> tuple[list[Path], np.ndarray]:
+def split_rows(rows: list[dict[str, str]], classes: list[str],
+               split: str) -> tuple[list[str], np.ndarray]:
+    """(manifest paths, class indices) of one split: the keys of its decoded copies."""
     index = {c: i for i, c in enumerate(classes)}
     chosen = [r for r in rows if r["split"] == split]
-    return [root / r["path"] for r in chosen], np.array([index[r["label"]] for r in chosen],
-                                                        dtype=np.int64)
+    return [r["path"] for r in chosen], np.array([index[r["label"]] for r in chosen],
+                                                 dtype=np.int64)

@@ -120,10 +120,74 @@ def _session(resize_size: int, input_size: int, interpolation: str) -> Any:
                                 providers=["CPUExecutionProvider"])
 
 
+def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(height, width) after the shorter side goes to ``short_side``, the longer one to
+    ``int(short_side * long / short)``: the graph's rounding, in Python."""
+    if width <= height:
+        return int(float(short_side) * height / width), short_side
+    return short_side, int(float(short_side) * width / height)
+
+
+def _crop(batch: np.ndarray, input_size: int) -> np.ndarray:
+    height, width = batch.shape[1:3]
+    top = int(round((height - input_size) / 2.0))
+    left = int(round((width - input_size) / 2.0))
+    return batch[:, top:top + input_size, left:left + input_size]
+
+
 def resize_and_crop_array(pixels: np.ndarray, resize_size: int, input_size: int,
                           interpolation: str) -> np.ndarray:
-    """uint8 HWC (or NHWC, one size) -> uint8 (N)SS3, through the graph with onnxruntime."""
-    batch = pixels[None] if pixels.ndim == 3 else pixels
-    out = _session(resize_size, input_size, interpolation).run(
-        None, {RAW_INPUT: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
+    """uint8 HWC (or NHWC, one size) -> uint8 (N)SS3, through the graph with onnxruntime.
+
+    An image already at its resized shape (a copy that ``prepare`` made for this resize size)
+    is only cropped: the graph's resize is then the identity (a test checks it on noise)."""
+    batch = np.ascontiguousarray(pixels[None] if pixels.ndim == 3 else pixels, dtype=np.uint8)
+    if resized_shape(*batch.shape[1:3], resize_size) == batch.shape[1:3]:
+        out = np.ascontiguousarray(_crop(batch, input_size))
+    else:
+        out = _session(resize_size, input_size, interpolation).run(None, {RAW_INPUT: batch})[0]
     return out[0] if pixels.ndim == 3 else out
+
+
+@functools.lru_cache(maxsize=8)
+def _resize_session(interpolation: str) -> Any:
+    import onnxruntime as ort
+    from onnx import TensorProto, checker, helper
+
+    sizes = "sizes"
+    graph = helper.make_graph(
+        [helper.make_node("Resize", [RAW_INPUT, "", "", sizes], ["resized"], axes=[1, 2],
+                          **resize_attributes(interpolation))], "resize",
+        [helper.make_tensor_value_info(RAW_INPUT, TensorProto.UINT8, ["N", "H", "W", 3]),
+         helper.make_tensor_value_info(sizes, TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("resized", TensorProto.UINT8, ["N", "h", "w", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="pipeline")
+    model.ir_version = 8
+    checker.check_model(model, full_check=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def resize_short_side(pixels: np.ndarray, short_side: int, interpolation: str) -> np.ndarray:
+    """uint8 HWC -> uint8 HWC with the shorter side at ``short_side`` (the graph's Resize and
+    rounding, without the crop); images whose shorter side is already <= ``short_side`` are
+    returned unchanged (never enlarged)."""
+    height, width = pixels.shape[:2]
+    if min(height, width) <= short_side:
+        return pixels
+    shape = resized_shape(height, width, short_side)
+    out = _resize_session(interpolation).run(None, {
+        RAW_INPUT: np.ascontiguousarray(pixels[None], dtype=np.uint8),
+        "sizes": np.asarray(shape, dtype=np.int64)})[0]
+    return out[0]
+
+
+def clear_sessions() -> None:
+    """Forget cached sessions (a forked worker process makes its own)."""
+    _session.cache_clear()
+    _resize_session.cache_clear()

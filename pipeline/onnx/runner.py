@@ -199,11 +199,12 @@ class OnnxClassifier:
     def classes(self) -> list[str]:
         return self.contract.classes
 
-    def prepare(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> one model input: its own pixels (uint8 HWC) for a model that resizes
-        in the graph; else the crop (uint8 HWC, or normalised float32 CHW)."""
+    def prepare(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """RGB image (PIL, or uint8 HWC) -> one model input: its own pixels (uint8 HWC) for a
+        model that resizes in the graph; else the crop (uint8 HWC, or normalised float32 CHW)."""
         if self.contract.resized_in_graph:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image,
+                              dtype=np.uint8)
         pixels = resize_and_crop(image, self.contract.preprocessing)
         return pixels if self.contract.layout == "NHWC" else normalize(pixels,
                                                                        self.contract.preprocessing)

@@ -161,6 +161,15 @@ def resolve_providers(names: Sequence[str]) -> list[str]:
     return chosen
 
 
+def accurate_rows(rows: Sequence[dict[str, Any]],
+                  max_drop: float = 0.01) -> list[dict[str, Any]]:
+    """The onnxruntime rows of a ``pipeline bench`` report that ran and kept accuracy within
+    ``max_drop`` of the onnxruntime CPU FP32 row (the rule for 'fastest accurate path')."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("engine") == "onnxruntime"]
+    reference = [r["accuracy"] for r in ok if (r["provider"], r["variant"]) == ("cpu", "fp32")]
+    return [r for r in ok if not reference or r["accuracy"] >= max(reference) - max_drop]
+
+
 def auto_provider(model_resizes_in_graph: bool, variant: str,
                   bench_report: str | Path | None = None,
                   max_accuracy_drop: float = 0.01) -> tuple[str, str]:
@@ -176,12 +185,9 @@ def auto_provider(model_resizes_in_graph: bool, variant: str,
                and (n in ANTIALIASED_RESIZE or not model_resizes_in_graph)]
     report = Path(bench_report) if bench_report else None
     if report is not None and report.is_file():
-        rows = [r for r in json.loads(report.read_text(encoding="utf-8")).get("rows", [])
-                if r.get("status") == "ok" and r.get("engine") == "onnxruntime"]
-        reference = [r["accuracy"] for r in rows
-                     if r["provider"] == "cpu" and r["variant"] == "fp32"]
-        ok = [r for r in rows if r["variant"] == variant and r["provider"] in allowed
-              and (not reference or r["accuracy"] >= max(reference) - max_accuracy_drop)]
+        rows = json.loads(report.read_text(encoding="utf-8")).get("rows", [])
+        ok = [r for r in accurate_rows(rows, max_accuracy_drop)
+              if r["variant"] == variant and r["provider"] in allowed]
         if ok:
             best = max(ok, key=lambda r: (r["throughput_ips"], -r["batch_size"]))
             return best["provider"], (f"fastest {variant} in {report} "

@@ -47,13 +47,13 @@ import numpy as np
 from .. import __version__
 from ..core.atomic import atomic_file, write_json, write_text
 from ..core.config import BenchParams
-from ..core.dataset import image_root, read_prepared
+from ..core.copies import PreparedImages
+from ..core.dataset import read_prepared
 from ..core.errors import PipelineError
-from ..core.imageio import load_prepared_rgb
 from ..core.params import as_dict
 from ..core.runtime import available_cpus, cpu_name, cuda_tf32, resolve_threads
 from ..onnx.contract import VARIANT_FILES
-from ..onnx.sessions import PROVIDERS, new_session, unavailable_reason, cuda_tf32_option
+from ..onnx.sessions import PROVIDERS, accurate_rows, new_session, unavailable_reason, cuda_tf32_option
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
 
@@ -348,16 +348,9 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _accurate(rows: list[dict[str, Any]], max_drop: float = 0.01) -> list[dict[str, Any]]:
-    """onnxruntime rows that ran and kept accuracy within ``max_drop`` of the CPU FP32 row."""
-    ok = [r for r in rows if r["status"] == "ok" and r["engine"] == "onnxruntime"]
-    reference = [r["accuracy"] for r in ok if (r["provider"], r["variant"]) == ("cpu", "fp32")]
-    return [r for r in ok if not reference or r["accuracy"] >= max(reference) - max_drop]
-
-
 def _best_cpu_path(rows: list[dict[str, Any]], batch: int) -> dict[str, Any] | None:
     """The fastest accurate CPU engine (onnxruntime CPU or OpenVINO, any variant) at ``batch``."""
-    cands = [r for r in _accurate(rows) if r["provider"] in ("cpu", "openvino")
+    cands = [r for r in accurate_rows(rows) if r["provider"] in ("cpu", "openvino")
              and r["batch_size"] == batch]
     return max(cands, key=lambda r: r["throughput_ips"]) if cands else None
 
@@ -368,7 +361,7 @@ def fastest(rows: list[dict[str, Any]], machine: dict[str, Any]) -> dict[str, An
     out: dict[str, Any] = {}
     gflop = machine.get("gflop_per_image")
     for kind, providers in (("cpu", ("cpu", "openvino")), ("gpu", ("cuda", "tensorrt"))):
-        cands = [r for r in _accurate(rows) if r["provider"] in providers]
+        cands = [r for r in accurate_rows(rows) if r["provider"] in providers]
         if not cands:
             continue
         ones = [r for r in cands if r["batch_size"] == 1]
@@ -418,6 +411,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 
     out = {}
     for b in sorted({r["batch_size"] for r in rows}):
+        best = _best_cpu_path(rows, b)
         pairs = {
             f"cpu_ort_fp32_over_eager_b{b}": (tput("onnxruntime", "cpu", "fp32", b),
                                               tput("pytorch", "cpu", "fp32 eager", b)),
@@ -432,9 +426,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
             f"openvino_int8_over_openvino_fp32_b{b}": (
                 tput("onnxruntime", "openvino", "int8", b),
                 tput("onnxruntime", "openvino", "fp32", b)),
-            f"best_cpu_path_over_cpu_fp32_b{b}": (
-                _best_cpu_path(rows, b)["throughput_ips"] if _best_cpu_path(rows, b) else None,
-                tput("onnxruntime", "cpu", "fp32", b)),
+            f"best_cpu_path_over_cpu_fp32_b{b}": (best["throughput_ips"] if best else None,
+                                                  tput("onnxruntime", "cpu", "fp32", b)),
         }
         out |= {k: round(a / c, 2) for k, (a, c) in pairs.items() if a and c}
     return out
@@ -509,7 +502,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The best throughput of an accurate onnxruntime row (within 1 point of CPU FP32; a fast
     but wrong engine does not count). The full table is in the report."""
-    ok = [r["throughput_ips"] for r in _accurate(rows)]
+    ok = [r["throughput_ips"] for r in accurate_rows(rows)]
     return {"img_s": max(ok)} if ok else {}
 
 
@@ -541,17 +534,14 @@ def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
         raise PipelineError(f"{model_path}: bench expects the uint8 NHWC export "
                             "(export.input: uint8_nhwc)")
     summary, classes, rows = read_prepared(prepared_dir)
-    root = image_root(prepared_dir, summary)
+    images = PreparedImages(prepared_dir)
     test = [r for r in rows if r["split"] == "test"]
     if params.accuracy_images:
         test = test[:params.accuracy_images]
     if not test:
         raise PipelineError(f"{prepared_dir}: the test split is empty")
-    from ..core.preprocess import resize_and_crop
 
-    pixels = np.stack([resize_and_crop(load_prepared_rgb(root / r["path"]),
-                                       contract.preprocessing)
-                       for r in test])
+    pixels = np.stack([images.crop(r["path"], contract.preprocessing) for r in test])
     labels = np.array([contract.classes.index(r["label"]) for r in test])
     base = {"model": model_path.name, "threads": threads}
     report_rows: list[dict[str, Any]] = []

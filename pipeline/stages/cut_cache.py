@@ -31,7 +31,8 @@ from ..core.batches import image_batches, sequential_batches
 from ..core.blocks import Split, split_backbone
 from ..core.caches import CUT_CACHE_FORMAT, cache_params, uses_cache
 from ..core.config import BackboneParams, FinetuneParams
-from ..core.dataset import SPLITS, image_root, read_prepared, split_rows
+from ..core.copies import PreparedImages
+from ..core.dataset import SPLITS, read_prepared, split_rows
 from ..core.errors import PipelineError
 from ..core.runtime import resolve_threads
 
@@ -65,10 +66,11 @@ def _check_first_batch(split: Split, batch: np.ndarray, out: np.ndarray) -> floa
     return diff
 
 
-def write_arrays(split: Split, backbone: Backbone, paths: dict[str, list[Path]],
-                 labels: dict[str, np.ndarray], params: FinetuneParams, threads: int,
-                 folder: Path, max_pixels: int) -> dict[str, Any]:
-    """Run the prefix (onnxruntime) over every split; write ``<split>.npy`` and labels."""
+def write_arrays(split: Split, backbone: Backbone, images: PreparedImages,
+                 keys: dict[str, list[str]], labels: dict[str, np.ndarray],
+                 params: FinetuneParams, threads: int, folder: Path) -> dict[str, Any]:
+    """Run the prefix (onnxruntime) over every split's decoded copies; write ``<split>.npy``
+    and labels."""
     import torch
 
     pp = backbone.preprocessing
@@ -78,12 +80,13 @@ def write_arrays(split: Split, backbone: Backbone, paths: dict[str, list[Path]],
     dtype = np.dtype(params.cache_dtype)
     views = params.cached_views
     max_diff = None
+    network_s = 0.0
     with tempfile.TemporaryDirectory() as work:
         run_prefix = prefix_runner(split, backbone, threads, Path(work))
         for name in SPLITS:
             np.save(folder / f"{name}_labels.npy", labels[name])
             n_views = views if name == "train" else 1
-            n = len(paths[name])
+            n = len(keys[name])
             full = (n, n_views, *shape) if name == "train" else (n, *shape)
             store = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype,
                                               shape=full)
@@ -91,10 +94,12 @@ def write_arrays(split: Split, backbone: Backbone, paths: dict[str, list[Path]],
             policy = params.augment if name == "train" else "none"
             with tqdm(total=n * n_views, desc=f"cut cache {name}", unit="img") as bar:
                 for view in range(n_views):
-                    stream = image_batches(paths[name], pp, batches, params.workers, policy,
-                                           params.seed, view, max_pixels)
+                    stream = image_batches(images, keys[name], pp, batches, params.workers,
+                                           policy, params.seed, view)
                     for indices, batch in zip(batches, stream):
+                        t0 = time.perf_counter()
                         out = run_prefix(batch)
+                        network_s += time.perf_counter() - t0
                         if max_diff is None:
                             max_diff = _check_first_batch(split, batch, out)
                         rows = slice(indices[0], indices[-1] + 1)
@@ -106,8 +111,8 @@ def write_arrays(split: Split, backbone: Backbone, paths: dict[str, list[Path]],
             store.flush()
             del store
     return {"cached": True, "activation_shape": list(shape), "dtype": dtype.name,
-            "views": views, "split_counts": {k: len(v) for k, v in paths.items()},
-            "max_abs_diff_vs_torch_first_batch": max_diff}
+            "views": views, "split_counts": {k: len(v) for k, v in keys.items()},
+            "max_abs_diff_vs_torch_first_batch": max_diff, "seconds_network": network_s}
 
 
 def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: str | Path,
@@ -133,12 +138,13 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
         if not uses_cache(params, split):
             meta["cached"] = False
         else:
-            root = image_root(prepared_dir, summary)
-            paths, labels = {}, {}
+            keys, labels = {}, {}
             for name in SPLITS:
-                paths[name], labels[name] = split_rows(rows, classes, root, name)
-            meta |= write_arrays(split, backbone, paths, labels, params, threads, tmp,
-                                 summary["params"]["max_image_pixels"])
-        write_json(tmp / "meta.json", meta)
+                keys[name], labels[name] = split_rows(rows, classes, name)
+            meta |= write_arrays(split, backbone, PreparedImages(prepared_dir), keys, labels,
+                                 params, threads, tmp)
+        network_s = meta.pop("seconds_network", None)
+        write_json(tmp / "meta.json", meta)  # no timings in the output: its bytes are reproducible
+    meta["seconds_network"] = None if network_s is None else round(network_s, 3)
     meta["seconds"] = round(time.perf_counter() - started, 3)
     return meta

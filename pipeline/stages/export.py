@@ -48,9 +48,9 @@ import numpy as np
 from .. import __version__
 from ..core.atomic import atomic_dir, atomic_file, write_csv, write_json
 from ..core.config import ExportParams
-from ..core.dataset import image_root, read_prepared
+from ..core.copies import PreparedImages
+from ..core.dataset import read_prepared
 from ..core.errors import PipelineError
-from ..core.imageio import load_prepared_rgb
 from ..core.preprocess import Preprocessing, normalize, resize_and_crop
 from ..core.runtime import resolve_threads
 from ..onnx.contract import (
@@ -159,9 +159,8 @@ def export_raw(fixed_path: Path, path: Path, config: dict[str, Any], params: Exp
             "uint8 tensor, antialiased, sizes and crop offsets computed in the graph"}
 
 
-def _decoded(paths: list[Path], max_pixels: int) -> list[np.ndarray]:
-    return [np.asarray(load_prepared_rgb(p, max_pixels=max_pixels), dtype=np.uint8)
-            for p in paths]
+def _decoded(images: PreparedImages, keys: list[str]) -> list[np.ndarray]:
+    return [images.rgb(k) for k in keys]
 
 
 def _run_raw(path: Path, images: list[np.ndarray],
@@ -194,37 +193,38 @@ ODD_SIZES = ((7, 5), (97, 211), (211, 97), (1000, 750), (513, 511), (31, 400))
 
 
 def preprocessing_check(classifier: Any, raw_path: Path, images: list[np.ndarray],
-                        pp: Preprocessing, temperature: float, threads: int,
+                        crops: np.ndarray, pp: Preprocessing, temperature: float, threads: int,
                         probe: int = 8) -> dict[str, Any]:
     """The in-graph resize on images of many sizes (the first ``probe`` test images resized to
     tall, wide, tiny, large and odd shapes): the shipped model, fed those raw pixels, against
     the PyTorch model on the training preprocessing of the same pixels; and how far Pillow's
-    own resampling (what an app resizing by itself gets) is from it, in grey levels."""
+    own resampling (what an app resizing by itself gets) is from it, in grey levels.
+    ``crops`` are the training preprocessing of ``images`` (already made by the caller)."""
     from PIL import Image
 
     from ..core.calibration import softmax
     from ..core.preprocess import pillow_resize_and_crop
 
-    def pillow_levels(batch: list[np.ndarray]) -> int:
-        return max(int(np.abs(resize_and_crop(x, pp).astype(int) - pillow_resize_and_crop(
-            Image.fromarray(x), pp).astype(int)).max()) for x in batch)
+    def pillow_levels(batch: list[np.ndarray], crops: np.ndarray) -> int:
+        return max(int(np.abs(crop.astype(int) - pillow_resize_and_crop(
+            Image.fromarray(x), pp).astype(int)).max()) for x, crop in zip(batch, crops))
 
     odd = [np.asarray(Image.fromarray(x).resize(size, Image.Resampling.BICUBIC))
            for x in images[:probe] for size in ODD_SIZES]
+    odd_crops = np.stack([resize_and_crop(x, pp) for x in odd])
     probs, _ = _run_raw(raw_path, odd, threads)
-    ref = _logits(classifier, np.stack([resize_and_crop(x, pp) for x in odd]), pp)
+    ref = _logits(classifier, odd_crops, pp)
     return {"resize_in_graph": True, "training_uses_the_same_graph": True,
             "odd_sizes": [list(size) for size in ODD_SIZES], "odd_size_images": len(odd),
             "odd_size_top1_agreement": float((probs.argmax(1) == ref.argmax(1)).mean()),
             "odd_size_max_abs_diff_probabilities": float(
                 np.abs(probs - softmax(ref, temperature)).max()),
-            "test_images_max_levels_vs_pillow": pillow_levels(images),
-            "odd_size_max_levels_vs_pillow": pillow_levels(odd)}
+            "test_images_max_levels_vs_pillow": pillow_levels(images, crops),
+            "odd_size_max_levels_vs_pillow": pillow_levels(odd, odd_crops)}
 
 
-def _images(paths: list[Path], pp: Preprocessing, max_pixels: int) -> np.ndarray:
-    return np.stack([resize_and_crop(load_prepared_rgb(p, max_pixels=max_pixels), pp)
-                     for p in paths])
+def _images(images: PreparedImages, keys: list[str], pp: Preprocessing) -> np.ndarray:
+    return np.stack([images.crop(k, pp) for k in keys])
 
 
 def _run_ort(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preprocessing,
@@ -292,8 +292,8 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     if classes != config["classes"]:
         raise PipelineError(f"{config_path}: the model's classes differ from {prepared_dir}; "
                             "re-run the chain (dvc repro)")
-    root = image_root(prepared_dir, summary)
-    max_pixels = summary["params"]["max_image_pixels"]
+    images = PreparedImages(prepared_dir)
+    images.require(pp.resize_size)
     test = [r for r in rows if r["split"] == "test"]
     val = [r for r in rows if r["split"] == "val"]
     train = [r for r in rows if r["split"] == "train"]
@@ -306,12 +306,12 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     raw_input = params.input == "uint8_nhwc"
     step = max(1, len(train) // params.calibration_images)
     calib_rows = train[::step][:params.calibration_images]
-    test_decoded = _decoded([root / r["path"] for r in test], max_pixels)
+    test_decoded = _decoded(images, [r["path"] for r in test])
     test_pixels = np.stack([resize_and_crop(x, pp) for x in test_decoded])
     test_labels = np.array([classes.index(r["label"]) for r in test])
     ref_logits_np = _logits(classifier, test_pixels, pp)
     val_labels = np.array([classes.index(r["label"]) for r in val], dtype=np.int64)
-    val_logits = (_logits(classifier, _images([root / r["path"] for r in val], pp, max_pixels),
+    val_logits = (_logits(classifier, _images(images, [r["path"] for r in val], pp),
                           pp) if val else np.zeros((0, len(classes)), np.float32))
     fit = (choose_temperature(val_logits, val_labels, params.reliability_bins)
            if params.probability_calibration == "temperature" else None)
@@ -345,12 +345,12 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
             report["graph"]["raw"] = export_raw(fixed, staged["fp32"], config, params,
                                                 temperature, calibrated)
             report["preprocessing"] = preprocessing_check(classifier, staged["fp32"],
-                                                          test_decoded, pp, temperature,
-                                                          threads)
+                                                          test_decoded, test_pixels, pp,
+                                                          temperature, threads)
         if "fp16" in staged:
             export_fp16(fixed, staged["fp16"])
         if "int8" in staged:
-            calib = _images([root / r["path"] for r in calib_rows], pp, max_pixels)
+            calib = _images(images, [r["path"] for r in calib_rows], pp)
             if not raw_input:
                 calib = normalize(calib, pp)
             source = fixed

@@ -31,21 +31,22 @@ from ..core.atomic import atomic_dir, write_json
 from ..core.backbones import Backbone, build_backbone
 from ..core.caches import FEATURES_FORMAT
 from ..core.config import BackboneParams, FeaturesParams
-from ..core.dataset import SPLITS, image_root, read_prepared
+from ..core.dataset import SPLITS, read_prepared
 from ..core.errors import PipelineError
-from ..core.imageio import DEFAULT_MAX_PIXELS
+from ..core.copies import PreparedImages
 from ..core.params import as_dict
 from ..core.preprocess import Preprocessing
 from ..core.runtime import cuda_tf32, resolve_threads
 
 
-def iter_batches(paths: list[Path], pp: Preprocessing, batch_size: int, workers: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[np.ndarray]:
-    """Yield float32 NCHW batches in order; decoding may run in worker processes."""
+def iter_batches(images: PreparedImages, keys: list[str], pp: Preprocessing, batch_size: int,
+                 workers: int) -> Iterator[np.ndarray]:
+    """Yield float32 NCHW batches of the decoded copies in order (made in worker processes
+    when ``workers`` > 0)."""
     from ..core.batches import image_batches, sequential_batches
 
-    yield from image_batches(paths, pp, sequential_batches(len(paths), batch_size), workers,
-                             max_pixels=max_pixels)
+    yield from image_batches(images, keys, pp, sequential_batches(len(keys), batch_size),
+                             workers)
 
 
 def make_extractor(backbone: Backbone, params: FeaturesParams,
@@ -107,11 +108,11 @@ def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: s
 
     ctx = context(params.device, backend)
     summary, classes, rows = read_prepared(prepared_dir)
-    root = image_root(prepared_dir, summary)
+    images = PreparedImages(prepared_dir)
     threads = resolve_threads(params.threads)
     torch.set_num_threads(threads)
     backbone = build_backbone(backbone_params)
-    paths = [root / row["path"] for row in rows]
+    keys = [row["path"] for row in rows]
     class_index = {c: i for i, c in enumerate(classes)}
     try:
         labels = np.array([class_index[row["label"]] for row in rows], dtype=np.int64)
@@ -140,8 +141,7 @@ def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: s
         extract, provider = make_extractor(backbone, params, work)
         features = np.load(tmp / "features.npy", mmap_mode="r+")
         extract_seconds = 0.0
-        stream = image_batches(paths, backbone.preprocessing, mine, params.workers,
-                               max_pixels=summary["params"]["max_image_pixels"])
+        stream = image_batches(images, keys, backbone.preprocessing, mine, params.workers)
         label = f"features ({provider})" + (f" rank {ctx.rank}/{ctx.world_size}"
                                             if ctx.active else "")
         with tqdm(total=sum(len(b) for b in mine), desc=label, unit="img") as bar:

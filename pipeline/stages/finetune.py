@@ -49,7 +49,8 @@ from ..core.batches import check_same_backbone, image_batches, sequential_batche
 from ..core.blocks import Split, set_bn_modes, split_backbone
 from ..core.caches import CutCache, uses_cache
 from ..core.config import BackboneParams, FinetuneParams
-from ..core.dataset import image_root, read_prepared, sha256_file, split_rows
+from ..core.copies import PreparedImages
+from ..core.dataset import read_prepared, sha256_file, split_rows
 from ..core.distributed import DistContext, context
 from ..core.errors import PipelineError
 from ..core.evaluation import classification_report
@@ -105,10 +106,11 @@ class CutSource:
 class ClassicSource:
     """Training/eval inputs at the cut, made every epoch from the images by the frozen prefix."""
 
-    def __init__(self, split: Split, pp: Preprocessing, paths: dict[str, list[Path]],
-                 labels: dict[str, np.ndarray], params: FinetuneParams, max_pixels: int) -> None:
-        self.split, self.pp, self.paths, self.labels = split, pp, paths, labels
-        self.params, self.max_pixels = params, max_pixels
+    def __init__(self, split: Split, pp: Preprocessing, images: PreparedImages,
+                 keys: dict[str, list[str]], labels: dict[str, np.ndarray],
+                 params: FinetuneParams) -> None:
+        self.split, self.pp, self.images, self.keys, self.labels = split, pp, images, keys, labels
+        self.params = params
         self.train_labels = labels["train"]
         self.views = params.cached_views
 
@@ -119,15 +121,15 @@ class ClassicSource:
 
     def train_batches(self, epoch: int, batches: list[list[int]]) -> Iterator[torch.Tensor]:
         p = self.params
-        stream = image_batches(self.paths["train"], self.pp, batches, p.workers, p.augment,
-                               p.seed, (epoch - 1) % self.views, self.max_pixels)
+        stream = image_batches(self.images, self.keys["train"], self.pp, batches, p.workers,
+                               p.augment, p.seed, (epoch - 1) % self.views)
         for batch in stream:
             yield self._prefix(batch)
 
     def eval_batches(self, name: str, batch_size: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        batches = sequential_batches(len(self.paths[name]), batch_size)
-        stream = image_batches(self.paths[name], self.pp, batches, self.params.workers,
-                               max_pixels=self.max_pixels)
+        batches = sequential_batches(len(self.keys[name]), batch_size)
+        stream = image_batches(self.images, self.keys[name], self.pp, batches,
+                               self.params.workers)
         for indices, batch in zip(batches, stream):
             yield self._prefix(batch), self.labels[name][indices]
 
@@ -396,8 +398,6 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
     blocks = params.blocks if params.enabled else 0
     split = split_backbone(backbone, blocks)
     freeze_all_but_suffix(backbone, split)
-    root = image_root(prepared_dir, summary)
-    max_pixels = summary["params"]["max_image_pixels"]
     cut_used = params.enabled and uses_cache(params, split)
     cache_meta = None
     if cut_used:
@@ -406,10 +406,11 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
         cache.check_matches(backbone, split, params, summary["manifest_sha256"])
         source: Any = CutSource(cache)
     else:
-        paths, labels = {}, {}
+        keys, labels = {}, {}
         for name in ("train", "val", "test"):
-            paths[name], labels[name] = split_rows(rows, classes, root, name)
-        source = ClassicSource(split, backbone.preprocessing, paths, labels, params, max_pixels)
+            keys[name], labels[name] = split_rows(rows, classes, name)
+        source = ClassicSource(split, backbone.preprocessing, PreparedImages(prepared_dir), keys,
+                               labels, params)
     model = trainable_model(split, head)
     trainable = count_trainable(model)
     started = time.perf_counter()

@@ -28,28 +28,36 @@ import numpy as np
 
 from ..core.atomic import atomic_dir, write_csv, write_json
 from ..core.config import InterpretParams
-from ..core.dataset import image_root, read_prepared
+from ..core.copies import PreparedImages
+from ..core.dataset import read_prepared
 from ..core.errors import PipelineError
-from ..core.imageio import load_prepared_rgb
 
 Split = Literal["train", "val", "test"]
 
 
-def split_probabilities(classifier: Any, paths: list[Path], batch_size: int,
-                        max_pixels: int) -> np.ndarray:
-    """Probabilities of the exported model for each image (rows in input order; not empty)."""
-    probs = []
-    for start in range(0, len(paths), batch_size):
-        batch = [classifier.prepare(load_prepared_rgb(p, max_pixels=max_pixels))
-                 for p in paths[start:start + batch_size]]
-        probs.append(classifier.probabilities(np.stack(batch)))
-    return np.concatenate(probs).astype(np.float64)
+def split_probabilities(classifier: Any, images: PreparedImages, keys: list[str],
+                        batch_size: int) -> np.ndarray:
+    """Probabilities of the exported model for each decoded copy (rows in input order; not
+    empty). A batch shares one size, so images are grouped by shape first."""
+    inputs = [classifier.prepare(images.rgb(k)) for k in keys]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_shape.setdefault(x.shape, []).append(i)
+    probs: list[np.ndarray | None] = [None] * len(inputs)
+    for group in by_shape.values():
+        for start in range(0, len(group), batch_size):
+            chosen = group[start:start + batch_size]
+            for i, p in zip(chosen, classifier.probabilities(np.stack([inputs[i]
+                                                                      for i in chosen]))):
+                probs[i] = p
+    return np.stack(probs).astype(np.float64)
 
 
-def contact_sheet(entries: list[dict[str, Any]], root: Path, max_pixels: int, title: str,
+def contact_sheet(entries: list[dict[str, Any]], images: PreparedImages, title: str,
                   path: Path) -> None:
     """A grid of thumbnails with 'label / predicted / p' captions, written as PNG."""
     import matplotlib
+    from PIL import Image
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -60,7 +68,7 @@ def contact_sheet(entries: list[dict[str, Any]], root: Path, max_pixels: int, ti
     for ax in axes.flat:
         ax.axis("off")
     for ax, e in zip(axes.flat, entries):
-        image = load_prepared_rgb(root / e["path"], max_pixels=max_pixels)
+        image = Image.fromarray(images.rgb(e["path"]))
         image.thumbnail((256, 256))
         ax.imshow(np.asarray(image), interpolation="nearest")
         ax.set_title(f"{e['label']} -> {e['predicted']}\np(label) {e['p_label']:.3f}, "
@@ -89,8 +97,7 @@ def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Pat
     if classes != classifier.classes:
         raise PipelineError(f"{model_path}: the model's classes differ from {prepared_dir}'s; "
                             "re-run the chain (dvc repro)")
-    root = image_root(prepared_dir, summary)
-    max_pixels = summary["params"]["max_image_pixels"]
+    images = PreparedImages(prepared_dir)
     report: dict[str, Any] = {"model": str(model_path),
                               "probability_calibration": classifier.contract.metadata.get(
                                   "probability_calibration", "none"),
@@ -102,8 +109,8 @@ def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Pat
                 report["splits"][split] = {"images": 0}
                 continue
             labels = [classes.index(r["label"]) for r in chosen]
-            probs = split_probabilities(classifier, [root / r["path"] for r in chosen],
-                                        params.batch_size, max_pixels)
+            probs = split_probabilities(classifier, images, [r["path"] for r in chosen],
+                                        params.batch_size)
             idx = np.arange(len(chosen))
             p_label = probs[idx, labels]
             predicted = probs.argmax(1)
@@ -118,7 +125,7 @@ def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Pat
                       ((e["path"], e["label"], e["predicted"], f"{e['p_label']:.6g}",
                         f"{e['p_predicted']:.6g}", f"{e['loss']:.6g}") for e in entries))
             top = entries[:params.top_losses]
-            contact_sheet(top, root, max_pixels, f"{split}: {len(top)} highest losses of "
+            contact_sheet(top, images, f"{split}: {len(top)} highest losses of "
                           f"{len(entries)} ({Path(model_path).name})",
                           tmp / f"{split}_top_losses.png")
             confused = Counter((e["label"], e["predicted"]) for e in entries

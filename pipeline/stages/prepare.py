@@ -5,11 +5,14 @@ Sources (``prepare.source``): ``folder`` (``root/<class>/<images>``), ``csv`` (a
 (scikit-learn's 1,797 real 8x8 digits, written as PNGs into ``<out>/images/<digit>/`` and then
 read through the same folder path).
 
-Every file is fully decoded by :func:`pipeline.core.imageio.load_rgb`; bad files are skipped and listed
-with the reason in ``rejected.csv``. Exact duplicates (same SHA-256) are dropped so that no image
-lands in two splits. The split is stratified and seeded. Outputs in ``--out``:
+Every file is read once and fully decoded, in worker processes (``prepare.workers``; default
+one per CPU), by :func:`pipeline.core.copies.decode_file`; bad files are skipped and listed with
+the reason in ``rejected.csv``. The same pass writes the decoded copy that every later stage
+reads instead of the original (:mod:`pipeline.core.copies`: shorter side ``prepare.short_side``,
+EXIF orientation, mode and alpha already applied). Exact duplicates (same SHA-256) are dropped
+so that no image lands in two splits. The split is stratified and seeded. Outputs in ``--out``:
 ``manifest.csv`` (path relative to the root, label, split, sha256), ``classes.json``,
-``rejected.csv`` and ``summary.json``.
+``rejected.csv``, ``summary.json`` and the copies (``pixels.bin``, ``pixels.csv``).
 
 Run: ``pipeline prepare --params params.yaml --out data/prepared``
 """
@@ -17,21 +20,32 @@ Run: ``pipeline prepare --params params.yaml --out data/prepared``
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
+import multiprocessing
 import os
 import random
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+import numpy as np
 from tqdm import tqdm
 
 from ..core.atomic import atomic_dir, write_csv, write_json
 from ..core.config import PrepareParams
+from ..core.copies import CopyWriter, decode_file
 from ..core.dataset import INTERNAL_ROOT, MANIFEST_HEADER, SPLITS, sha256_file
 from ..core.errors import PipelineError
-from ..core.imageio import ImageRejected, load_rgb
+from ..core.imageio import ImageRejected
 from ..core.params import as_dict
+from ..core.resize_graph import clear_sessions
+from ..core.runtime import available_cpus
+
+T = TypeVar("T")
+R = TypeVar("R")
+Decoded = tuple[str, np.ndarray] | str  # (sha256, copy) or the reason it was rejected
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,36 @@ def split_class(items: list[Any], val_fraction: float, test_fraction: float,
             "train": items[n_test + n_val:]}
 
 
+def decode_candidate(path: Path, short_side: int, max_pixels: int) -> Decoded:
+    """Worker job: read one file once; its SHA-256 and decoded copy, or why it is rejected."""
+    try:
+        data, pixels = decode_file(path, short_side, max_pixels)
+    except ImageRejected as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    return hashlib.sha256(data).hexdigest(), pixels
+
+
+def ordered_map(fn: Callable[..., R], items: Iterable[T], workers: int,
+                window: int = 64) -> Iterator[R]:
+    """``fn(*item)`` for each item, in order, in ``workers`` processes (in this one when
+    ``workers`` <= 1); at most ``window`` results wait in memory, so memory does not grow with
+    the number of items."""
+    if workers <= 1:
+        for item in items:
+            yield fn(*item)
+        return
+    with multiprocessing.get_context("fork").Pool(workers, initializer=clear_sessions) as pool:
+        pending: deque[Any] = deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
 def _rejected_hint(rejected: list[tuple[str, str, str]]) -> str:
     if not rejected:
         return "no files rejected"
@@ -116,6 +160,17 @@ def _rejected_hint(rejected: list[tuple[str, str, str]]) -> str:
 def run(params: PrepareParams, out_dir: str | Path) -> dict[str, Any]:
     """Scan, validate, de-duplicate and split; write the outputs atomically into ``out_dir``."""
     out_dir = Path(out_dir)
+    try:
+        return _prepare(params, out_dir)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise PipelineError(f"prepare: disk full while writing {out_dir} (copies need about "
+                            f"{params.short_side}x{params.short_side * 4 // 3}x3 bytes per "
+                            "image); free space and re-run; nothing was written") from None
+
+
+def _prepare(params: PrepareParams, out_dir: Path) -> dict[str, Any]:
     with atomic_dir(out_dir) as tmp:
         empty_classes: list[str] = []
         if params.source == "sklearn-digits":
@@ -132,16 +187,16 @@ def run(params: PrepareParams, out_dir: str | Path) -> dict[str, Any]:
         accepted: dict[str, list[tuple[Candidate, str]]] = defaultdict(list)
         rejected: list[tuple[str, str, str]] = []
         first_seen: dict[str, Candidate] = {}
-        for cand in tqdm(candidates, desc="prepare: validating", unit="img", leave=False):
-            try:
-                load_rgb(cand.path, max_pixels=params.max_image_pixels)
-                digest = sha256_file(cand.path)
-            except ImageRejected as exc:
-                rejected.append((cand.rel, cand.label, str(exc)))
+        copies = CopyWriter(tmp)
+        workers = params.workers if params.workers is not None else available_cpus()
+        jobs = ((cand.path, params.short_side, params.max_image_pixels) for cand in candidates)
+        decoded = ordered_map(decode_candidate, jobs, workers)
+        for cand, result in tqdm(zip(candidates, decoded), total=len(candidates),
+                                 desc="prepare: decoding", unit="img", leave=False):
+            if isinstance(result, str):
+                rejected.append((cand.rel, cand.label, result))
                 continue
-            except OSError as exc:
-                rejected.append((cand.rel, cand.label, f"cannot read: {exc.strerror or exc}"))
-                continue
+            digest, pixels = result
             twin = first_seen.get(digest)
             if twin is not None and params.duplicates == "drop":
                 why = (f"duplicate of {twin.rel}" if twin.label == cand.label else
@@ -150,6 +205,7 @@ def run(params: PrepareParams, out_dir: str | Path) -> dict[str, Any]:
                 continue
             first_seen.setdefault(digest, cand)
             accepted[cand.label].append((cand, digest))
+            copies.add(cand.rel, pixels)
 
         classes = sorted(accepted)
         if len(classes) < 2:
@@ -182,6 +238,7 @@ def run(params: PrepareParams, out_dir: str | Path) -> dict[str, Any]:
                 rows += [(cand.rel, label, split, digest) for cand, digest in parts[split]]
         rows.sort(key=lambda r: (SPLITS.index(r[2]), classes.index(r[1]), r[0]))
 
+        copies_bytes = copies.close(keep={r[0] for r in rows})
         write_csv(tmp / "manifest.csv", MANIFEST_HEADER, rows)
         write_csv(tmp / "rejected.csv", ("path", "label", "reason"), sorted(rejected))
         write_json(tmp / "classes.json", classes)
@@ -195,6 +252,8 @@ def run(params: PrepareParams, out_dir: str | Path) -> dict[str, Any]:
             "empty_class_folders_ignored": empty_classes,
             "split_counts": {split: sum(c[split] for c in counts.values()) for split in SPLITS},
             "class_counts": counts,
+            "copies": {"short_side": params.short_side, "bytes": copies_bytes,
+                       "workers": workers},
             "manifest_sha256": manifest_hash,
             "params": as_dict(params),
         }

@@ -24,7 +24,8 @@ import numpy as np
 from ..core.atomic import write_json
 from ..core.backbones import build_backbone
 from ..core.config import BackboneParams, FeaturesParams, TrainHeadParams
-from ..core.dataset import image_root, read_prepared
+from ..core.copies import PreparedImages
+from ..core.dataset import read_prepared
 from ..core.errors import PipelineError
 from ..core.runtime import available_cpus, cpu_name, resolve_threads
 from ..core.training import train_step
@@ -58,9 +59,8 @@ def run(backbone_params: BackboneParams, features_params: FeaturesParams,
     threads = resolve_threads(features_params.threads)
     torch.set_num_threads(threads)
     backbone = build_backbone(backbone_params)
-    root = image_root(prepared_dir, summary)
-    batches = list(iter_batches([root / r["path"] for r in rows], backbone.preprocessing,
-                                features_params.batch_size, 0))
+    batches = list(iter_batches(PreparedImages(prepared_dir), [r["path"] for r in rows],
+                                backbone.preprocessing, features_params.batch_size, 0))
     n = sum(len(b) for b in batches)
     labels = torch.tensor([classes.index(r["label"]) for r in rows])
     model = backbone.model

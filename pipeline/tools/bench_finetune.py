@@ -38,7 +38,8 @@ from ..core.blocks import set_bn_modes, split_backbone
 from ..core.caches import CutCache
 from ..core.compute import forward_macs, matmul_gflops
 from ..core.config import BackboneParams, FinetuneParams
-from ..core.dataset import SPLITS, image_root, read_prepared, split_rows
+from ..core.copies import PreparedImages
+from ..core.dataset import SPLITS, read_prepared, split_rows
 from ..core.errors import PipelineError
 from ..core.heads import Head, HeadConfig
 from ..core.runtime import available_cpus, cpu_name, resolve_threads
@@ -65,11 +66,10 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
     torch.set_num_threads(threads)
     ceiling_before = matmul_gflops()  # measured before and after the epochs; the best is kept
     summary, classes, rows = read_prepared(prepared_dir)
-    root = image_root(prepared_dir, summary)
-    max_pixels = summary["params"]["max_image_pixels"]
+    images = PreparedImages(prepared_dir)
     paths, labels = {}, {}
     for name in SPLITS:
-        paths[name], labels[name] = split_rows(rows, classes, root, name)
+        paths[name], labels[name] = split_rows(rows, classes, name)
     limits = {"train": images, "val": val_images, "test": 0}
     for name in SPLITS:
         paths[name], labels[name] = paths[name][:limits[name]], labels[name][:limits[name]]
@@ -87,13 +87,13 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
 
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
-        info = write_arrays(split, backbone, paths, labels, run_params, threads, Path(work),
-                            max_pixels)
+        info = write_arrays(split, backbone, images, paths, labels, run_params, threads,
+                            Path(work))
         cache_build_s = time.perf_counter() - t0
         (Path(work) / "meta.json").write_text('{"format": 1}')
         sources = {"cut": CutSource(CutCache(work)),
-                   "classic": ClassicSource(split, backbone.preprocessing, paths, labels,
-                                            params, max_pixels)}
+                   "classic": ClassicSource(split, backbone.preprocessing, images, paths,
+                                            labels, params)}
         timings: dict[str, dict[str, list[float]]] = {}
         for path_name in ("classic", "cut"):
             source = sources[path_name]

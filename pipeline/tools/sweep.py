@@ -39,6 +39,7 @@ from ..core.config import (
     FinetuneParams,
     TrainHeadParams,
 )
+from ..core.copies import COPIES_FILE, INDEX_FILE
 from ..core.dataset import MANIFEST_HEADER, image_root, read_prepared, sha256_file
 from ..core.paths import ProjectPaths
 from ..stages.cut_cache import run as build_cut_cache
@@ -86,6 +87,11 @@ def derived_prepared(prepared_dir: Path, rows: list[dict[str, str]], out: Path) 
     sub["split_counts"] = {s: sum(r["split"] == s for r in rows) for s in ("train", "val",
                                                                            "test")}
     write_json(out / "summary.json", sub)
+    for name in (COPIES_FILE, INDEX_FILE):  # the decoded copies are shared, not duplicated
+        link = out / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to((Path(prepared_dir) / name).resolve())
     return out
 
 

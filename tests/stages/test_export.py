@@ -19,8 +19,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+
 from pipeline.cli import main
-from pipeline.core.batches import view_pixels
 from pipeline.core.config import ExportParams
 from pipeline.core.dataset import image_root, read_prepared
 from pipeline.core.errors import PipelineError
@@ -29,7 +29,7 @@ from pipeline.core.preprocess import Preprocessing, resize_and_crop
 from pipeline.onnx.runner import ModelError, OnnxClassifier
 from pipeline.stages.export import run
 
-from ..conftest import REPO, make_image
+from ..conftest import REPO, make_image, original_pixels
 
 
 def test_export_checks_pass_and_are_recorded(exported):
@@ -156,7 +156,7 @@ def test_runner_matches_the_pytorch_model_and_training_preprocessing(exported):
     assert runner.provider == "CPUExecutionProvider" and runner.classes == classes
     model, config = load_model(root / "model.safetensors", root / "model.json")
     pp = Preprocessing.from_dict(config["preprocessing"])
-    x = np.stack([view_pixels(p, pp, "none", 0, 0, 0) for p in paths])
+    x = np.stack([original_pixels(p, pp) for p in paths])
     temperature = float(runner.contract.metadata["temperature"])  # fitted on val by export
     with torch.no_grad():
         expected = torch.softmax(model(torch.from_numpy(x)) / temperature, 1).numpy()
@@ -233,7 +233,7 @@ def _altered_prepared(root: Path, tmp_path: Path, name: str, text: str) -> Path:
     """A copy of the fixture's prepared folder (same images) with file ``name`` replaced."""
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    for file in ("summary.json", "classes.json", "manifest.csv"):
+    for file in ("summary.json", "classes.json", "manifest.csv", "pixels.bin", "pixels.csv"):
         (prepared / file).write_bytes((root / "prepared" / file).read_bytes())
     (prepared / name).write_text(text)
     return prepared
@@ -270,7 +270,7 @@ def test_float_input_variant_with_logits(exported, tmp_path):
     paths, _ = _test_images(root)
     img = Image.open(paths[0]).convert("RGB")
     pp = runner.contract.preprocessing
-    assert np.allclose(runner.prepare(img), view_pixels(paths[0], pp, "none", 0, 0, 0))
+    assert np.allclose(runner.prepare(img), original_pixels(paths[0], pp))
     reference = OnnxClassifier(root / "out" / "model.onnx").predict_images([img], 10)[0]
     for (la, pa), (lb, pb) in zip(runner.predict_images([img], 10)[0], reference):
         assert pa == pytest.approx(pb, abs=1e-5)
@@ -509,17 +509,16 @@ def test_interpret_cli_refuses_a_model_for_other_classes(exported, tmp_path):
     assert result.exit_code != 0 and "interpret.splits" in result.output
 
 
-def test_interpret_names_an_image_that_changed_after_prepare(exported, tmp_path):
-    import shutil
-
+def test_interpret_names_a_copy_that_changed_after_prepare(exported, tmp_path):
     root, _ = exported
     summary, _, rows = read_prepared(root / "prepared")
-    images = tmp_path / "images"
-    shutil.copytree(image_root(root / "prepared", summary), images)
     broken = next(r["path"] for r in rows if r["split"] == "test")
-    (images / broken).write_bytes(b"truncated")
-    prepared = _altered_prepared(root, tmp_path, "summary.json",
-                                 json.dumps({**summary, "root": str(images)}))
+    prepared = _altered_prepared(root, tmp_path, "summary.json", json.dumps(summary))
+    index = {line.split(",")[0]: int(line.split(",")[1])
+             for line in (prepared / "pixels.csv").read_text().splitlines()[1:]}
+    store = bytearray((prepared / "pixels.bin").read_bytes())
+    store[index[broken]] ^= 0x01
+    (prepared / "pixels.bin").write_bytes(bytes(store))
     (tmp_path / "params.yaml").write_text("interpret:\n  splits: [test]\n")
     result = CliRunner().invoke(main, ["interpret", "--params", str(tmp_path / "params.yaml"),
                                        "--model", str(root / "out" / "model.onnx"),
@@ -528,7 +527,7 @@ def test_interpret_names_an_image_that_changed_after_prepare(exported, tmp_path)
                                        str(tmp_path / "m.json"), "--report",
                                        str(tmp_path / "r.json")])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert broken in result.output and "re-run prepare" in result.output
+    assert broken in result.output and "re-run `pipeline prepare`" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
     assert not (tmp_path / "r.json").exists()
 
@@ -592,8 +591,6 @@ def test_the_temperature_is_fitted_on_val_not_on_test(exported):
     """Recomputed from the PyTorch model: the reported fit is the val split's, and fitting on
     the test split would have given another value (so this check can tell them apart)."""
     from pipeline.core.calibration import choose_temperature
-    from pipeline.core.imageio import load_prepared_rgb
-    from pipeline.core.preprocess import normalize
 
     root, report = exported
     model, config = load_model(root / "model.safetensors", root / "model.json")
@@ -603,8 +600,7 @@ def test_the_temperature_is_fitted_on_val_not_on_test(exported):
 
     def logits(split):
         chosen = [r for r in rows if r["split"] == split]
-        x = np.stack([normalize(resize_and_crop(load_prepared_rgb(base / r["path"]), pp), pp)
-                      for r in chosen])
+        x = np.stack([original_pixels(base / r["path"], pp) for r in chosen])
         with torch.no_grad():
             out = model(torch.from_numpy(x)).numpy()
         return out, np.array([classes.index(r["label"]) for r in chosen])

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+
 from pipeline.core.backbones import build_backbone
 from pipeline.core.caches import load_cache
 from pipeline.core.config import BackboneParams, FeaturesParams, PrepareParams
@@ -12,7 +13,7 @@ from pipeline.stages import features as features_module
 from pipeline.stages.features import reference_features, run
 from pipeline.stages.prepare import run as prepare
 
-from ..conftest import TINY_BACKBONE
+from ..conftest import TINY_BACKBONE, original_pixels
 
 TINY = BackboneParams(**TINY_BACKBONE)
 
@@ -33,9 +34,11 @@ def test_onnxruntime_features_match_pytorch_reference(prepared, tmp_path):
     # full PyTorch reference over every image, in manifest order
     summary, classes, rows = read_prepared(prepared)
     backbone = build_backbone(TINY)
-    batches = features_module.iter_batches([image_root(prepared, summary) / r["path"] for r in rows],
-                                           backbone.preprocessing, 7, 0)
-    reference = np.concatenate([reference_features(backbone.model, b) for b in batches])
+    # reference from the ORIGINAL files: the copies that features read must give the same
+    originals = np.stack([original_pixels(image_root(prepared, summary) / r["path"],
+                                          backbone.preprocessing) for r in rows])
+    reference = np.concatenate([reference_features(backbone.model, originals[s:s + 7])
+                                for s in range(0, len(rows), 7)])
     assert np.abs(np.asarray(cache.features) - reference).max() <= 1e-4
     assert metrics["max_abs_diff_vs_torch_first_batch"] <= 1e-4
     assert json.loads((tmp_path / "m.json").read_text())["images"] == 24
@@ -97,9 +100,34 @@ def test_missing_prepare_output_is_a_clear_error(tmp_path):
         run(TINY, FeaturesParams(), tmp_path / "nothing", tmp_path / "f")
 
 
-def test_image_changed_after_prepare(prepared, image_folder, tmp_path):
-    (image_folder / "cat" / "0.png").write_text("corrupted later")
-    with pytest.raises(PipelineError, match="changed after prepare"):
+def test_features_read_the_copies_never_the_originals(prepared, image_folder, tmp_path):
+    """Originals deleted or corrupted after prepare change nothing: the copies are read."""
+    run(TINY, FeaturesParams(batch_size=5), prepared, tmp_path / "before")
+    for path in image_folder.rglob("*.png"):
+        path.write_text("corrupted later")
+    run(TINY, FeaturesParams(batch_size=5), prepared, tmp_path / "after")
+    assert (tmp_path / "before" / "features.npy").read_bytes() == \
+        (tmp_path / "after" / "features.npy").read_bytes()
+
+
+def test_a_changed_or_missing_copy_is_named(prepared, tmp_path):
+    from pipeline.core.copies import COPIES_FILE, INDEX_FILE
+
+    _, _, rows = read_prepared(prepared)
+    index = (prepared / INDEX_FILE).read_text().splitlines()
+    key, offset = index[3].split(",")[:2]  # the third copy in the store
+    store = bytearray((prepared / COPIES_FILE).read_bytes())
+    store[int(offset) + 5] ^= 0xFF
+    (prepared / COPIES_FILE).write_bytes(bytes(store))
+    with pytest.raises(PipelineError, match=f"copy of {key} is missing or changed since "
+                       "prepare.*re-run `pipeline prepare`"):
+        run(TINY, FeaturesParams(), prepared, tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+    (prepared / COPIES_FILE).write_bytes(bytes(store[:int(offset)]))  # truncated store
+    with pytest.raises(PipelineError, match=f"copy of {key} is missing"):
+        run(TINY, FeaturesParams(), prepared, tmp_path / "f")
+    (prepared / COPIES_FILE).unlink()
+    with pytest.raises(PipelineError, match="pixels.bin not found.*re-run `pipeline prepare`"):
         run(TINY, FeaturesParams(), prepared, tmp_path / "f")
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
+
 from pipeline.core.augment import augment, view_rng
 from pipeline.core.backbones import build_backbone
-from pipeline.core.batches import view_pixels
 from pipeline.core.blocks import set_bn_modes, split_backbone
 from pipeline.core.caches import CutCache
 from pipeline.core.config import (
@@ -27,7 +27,8 @@ from pipeline.core.params import parse_section
 from pipeline.stages import cut_cache
 from pipeline.stages.finetune import count_trainable, freeze_all_but_suffix, run
 
-from ..conftest import FAST, REPO, TINY, TINY_BACKBONE, build_cache, finetune  # noqa: F401
+from ..conftest import (FAST, REPO, TINY, TINY_BACKBONE, build_cache, finetune,  # noqa: F401
+                        original_pixels)
 
 # --------------------------------------------------------------------------- block split
 
@@ -108,8 +109,8 @@ def test_cut_cache_equals_frozen_prefix_output(project):
     root = image_root(project / "prepared", summary)
     for name in ("train", "val", "test"):
         chosen = [r for r in rows if r["split"] == name]
-        x = np.stack([view_pixels(root / r["path"], backbone.preprocessing, "none", 0, i, 0)
-                      for i, r in enumerate(chosen)])
+        x = np.stack([original_pixels(root / r["path"], backbone.preprocessing)
+                      for r in chosen])
         with torch.no_grad():
             expected = split.prefix.eval()(torch.from_numpy(x)).numpy()
         stored = cache.array(name)
@@ -167,8 +168,7 @@ def test_warm_start_is_the_head_and_outputs_are_complete(project, tmp_path):
     root = image_root(project / "prepared", summary)
     test = [r for r in rows if r["split"] == "test"]
     pp = build_backbone(TINY).preprocessing
-    x = torch.from_numpy(np.stack([view_pixels(root / r["path"], pp, "none", 0, 0, 0)
-                                   for r in test]))
+    x = torch.from_numpy(np.stack([original_pixels(root / r["path"], pp) for r in test]))
     with torch.no_grad():
         pred = model(x).argmax(1).numpy()
     accuracy = float((pred == np.array([classes.index(r["label"]) for r in test])).mean())
