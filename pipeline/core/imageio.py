@@ -23,7 +23,6 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import PipelineError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 0.25 GB of RGBA)
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -104,12 +103,3 @@ def load_rgb(path: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS,
             struct.error) as exc:
         raise ImageRejected(f"cannot decode: {exc}") from None
 
-
-def load_prepared_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """:func:`load_rgb` for an image that ``prepare`` accepted: failing now means it changed
-    since, which is a one-line :class:`PipelineError` telling what to do."""
-    try:
-        return load_rgb(path, max_pixels=max_pixels)
-    except ImageRejected as exc:
-        raise PipelineError(f"{path}: {exc} (the image changed after prepare; re-run prepare)") \
-            from None

@@ -153,7 +153,54 @@ def child(stage: str, args: dict[str, Any]) -> dict[str, Any]:
             t3 = time.perf_counter()
         return {"seconds": t3 - t0, "seconds_images": t2 - t1, "seconds_network": t3 - t2,
                 "images": len(keys)}
+    if stage == "agreement":
+        return agreement(work / "prepared", backbone)
     raise ValueError(stage)
+
+
+def agreement(prepared: Path, backbone: Any) -> dict[str, Any]:
+    """What training sees (crops of the copies) against what the deployed model computes from
+    the full-size originals (full decode, then the in-graph resize and crop): the largest pixel
+    and feature differences, and how often a logistic-regression head trained on the copies'
+    train-split features predicts the same class from both, over every image."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from ..core.backbones import build_backbone
+    from ..core.copies import PreparedImages
+    from ..core.dataset import read_prepared
+    from ..core.imageio import load_rgb
+    from ..core.preprocess import normalize, resize_and_crop
+
+    net = build_backbone(backbone)
+    pp = net.preprocessing
+    summary, classes, rows = read_prepared(prepared)
+    images = PreparedImages(prepared)
+    root = Path(summary["root"])
+    pixel_diff, feats = 0, {"copies": [], "originals": []}
+    for start in range(0, len(rows), 32):
+        keys = [r["path"] for r in rows[start:start + 32]]
+        crops = {"copies": np.stack([images.crop(k, pp) for k in keys]),
+                 "originals": np.stack([resize_and_crop(np.asarray(load_rgb(root / k)), pp)
+                                        for k in keys])}
+        pixel_diff = max(pixel_diff, int(np.abs(crops["copies"].astype(np.int16)
+                                                - crops["originals"]).max()))
+        with torch.inference_mode():
+            for name, batch in crops.items():
+                feats[name].append(net.model(torch.from_numpy(normalize(batch, pp))).numpy())
+    copies, originals = np.concatenate(feats["copies"]), np.concatenate(feats["originals"])
+    labels = np.array([classes.index(r["label"]) for r in rows])
+    train = np.array([r["split"] == "train" for r in rows])
+    head = LogisticRegression(max_iter=3000).fit(copies[train], labels[train])
+    pred_c, pred_o = head.predict(copies), head.predict(originals)
+    test = np.array([r["split"] == "test" for r in rows])
+    return {"images": len(rows), "max_pixel_diff": pixel_diff,
+            "max_feature_diff": round(float(np.abs(copies - originals).max()), 5),
+            "max_feature_abs": round(float(np.abs(copies).max()), 5),
+            "head_agreement": round(float((pred_c == pred_o).mean()), 4),
+            "head_disagreements": int((pred_c != pred_o).sum()),
+            "test_accuracy_copies": round(float((pred_c[test] == labels[test]).mean()), 4),
+            "test_accuracy_originals": round(float((pred_o[test] == labels[test]).mean()), 4)}
 
 
 def timed(stage: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -192,9 +239,11 @@ def run_kind(kind: str, n: int, scale: int, views: int, calibration_images: int,
             stages[stage] = timed(stage, args)
             stages[stage].setdefault("images", count)
         sizes[count] = stages
+    print(f"bench-data: {kind} x {n * scale}: agreement", file=sys.stderr, flush=True)
+    agreed = timed("agreement", {"work": str(root / f"{kind}_{n * scale}")})
     mb = np.mean([os.path.getsize(p) for p, _ in rows[:n]]) / 1e6
     return {"kind": kind, "size": list(KINDS[kind]), "mean_file_mb": round(float(mb), 3),
-            "by_count": {str(k): v for k, v in sizes.items()}}
+            "by_count": {str(k): v for k, v in sizes.items()}, "agreement": agreed}
 
 
 def summarise(kind_report: dict[str, Any], n: int, scale: int) -> list[dict[str, Any]]:
@@ -243,10 +292,23 @@ def markdown(report: dict[str, Any]) -> str:
         f"{r.get('img_s_network_only', '')} | {r.get('ratio_end_to_end', '')} | "
         f"{r.get('ratio_marginal', '')} | {r['time_growth']}x | "
         f"{r['peak_rss_mb'][0]:.0f}, {r['peak_rss_mb'][1]:.0f} |\n" for r in report["summary"])
+    agreed = ("\n## Copies against full-size originals\n\n"
+              "Training reads the copies; a deployed model gets the full-size photo and resizes "
+              "it in its graph. Over every image of the larger folder: the largest difference "
+              "between the two 224 crops, between the backbone's features, and how often a "
+              "logistic-regression head (trained on the copies) predicts the same class.\n\n"
+              "| kind | images | max crop diff (levels) | max feature diff / max feature | "
+              "head agreement | test acc. copies / originals |\n|---|---|---|---|---|---|\n"
+              + "".join(
+                  f"| {kind} | {a['images']} | {a['max_pixel_diff']} | "
+                  f"{a['max_feature_diff']} / {a['max_feature_abs']} | {a['head_agreement']} "
+                  f"({a['head_disagreements']} differ) | {a['test_accuracy_copies']} / "
+                  f"{a['test_accuracy_originals']} |\n"
+                  for kind, a in ((k, v["agreement"]) for k, v in report["kinds"].items())))
     return (f"# Data-path benchmark\n\nMachine: {report['machine']['cpu']} "
             f"({report['machine']['cpus']} CPUs). N = {report['n']} (VGA), "
             f"{report['n_phone']} (phone); scale {report['scale']}; {report['views']} views.\n\n"
-            + head + body)
+            + head + body + agreed)
 
 
 def run(out: Path, md: Path | None, work: Path, n: int, n_phone: int, scale: int, views: int,

@@ -66,7 +66,7 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
     torch.set_num_threads(threads)
     ceiling_before = matmul_gflops()  # measured before and after the epochs; the best is kept
     summary, classes, rows = read_prepared(prepared_dir)
-    images = PreparedImages(prepared_dir)
+    copies = PreparedImages(prepared_dir)
     paths, labels = {}, {}
     for name in SPLITS:
         paths[name], labels[name] = split_rows(rows, classes, name)
@@ -87,12 +87,12 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
 
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
-        info = write_arrays(split, backbone, images, paths, labels, run_params, threads,
+        info = write_arrays(split, backbone, copies, paths, labels, run_params, threads,
                             Path(work))
         cache_build_s = time.perf_counter() - t0
         (Path(work) / "meta.json").write_text('{"format": 1}')
         sources = {"cut": CutSource(CutCache(work)),
-                   "classic": ClassicSource(split, backbone.preprocessing, images, paths,
+                   "classic": ClassicSource(split, backbone.preprocessing, copies, paths,
                                             labels, params)}
         timings: dict[str, dict[str, list[float]]] = {}
         for path_name in ("classic", "cut"):

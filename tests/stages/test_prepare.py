@@ -1,6 +1,9 @@
 import csv
 import json
+import re
 import shutil
+
+import numpy as np
 
 import pytest
 from click.testing import CliRunner
@@ -145,3 +148,90 @@ def test_max_image_pixels_is_applied_by_prepare(image_folder, tmp_path):
     loose = run(PrepareParams(source="folder", path=str(image_folder), max_image_pixels=60_000),
                 tmp_path / "loose")
     assert loose["num_rejected"] == 0 and loose["num_images"] == strict["num_images"] + 1
+
+
+def test_workers_do_not_change_the_output(image_folder, tmp_path):
+    """Decoding in 2 worker processes writes byte-identical copies, index and manifest."""
+    make_image(image_folder / "dog" / "big.jpg", seed=77, size=(700, 600), fmt="JPEG")
+    run(folder_params(image_folder, workers=0), tmp_path / "serial")
+    run(folder_params(image_folder, workers=2), tmp_path / "parallel")
+    for name in ("pixels.bin", "pixels.csv", "manifest.csv", "rejected.csv"):
+        assert (tmp_path / "serial" / name).read_bytes() == \
+            (tmp_path / "parallel" / name).read_bytes(), name
+
+
+def test_copies_cover_the_manifest_and_hold_the_decoded_pixels(image_folder, tmp_path):
+    from pipeline.core.copies import PreparedImages
+    from pipeline.core.imageio import load_rgb
+
+    make_image(image_folder / "fox" / "wide.png", seed=78, size=(900, 300))
+    out = tmp_path / "prepared"
+    summary = run(folder_params(image_folder), out)
+    images = PreparedImages(out)
+    rows = rows_of(out)
+    assert set(images.index) == {r["path"] for r in rows}
+    assert summary["copies"]["short_side"] == 256
+    small = images.rgb("cat/0.png")
+    assert (small == np.asarray(load_rgb(image_folder / "cat" / "0.png"))).all()
+    assert images.rgb("fox/wide.png").shape == (256, 768, 3)
+
+
+def test_dropped_duplicates_have_no_copy(image_folder, tmp_path):
+    from pipeline.core.copies import PreparedImages
+
+    shutil.copy(image_folder / "cat" / "0.png", image_folder / "cat" / "twin.png")
+    out = tmp_path / "prepared"
+    run(folder_params(image_folder), out)
+    assert "cat/twin.png" not in PreparedImages(out).index
+
+
+def test_disk_full_while_writing_copies_is_one_line_and_keeps_the_old_output(
+        image_folder, tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.core.copies import CopyWriter
+
+    out = tmp_path / "prepared"
+    params = write_params(tmp_path, image_folder)
+    assert CliRunner().invoke(main, ["prepare", "--params", str(params), "--out",
+                                     str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    calls = {"n": 0}
+    real_add = CopyWriter.add
+
+    def add_until_full(self, key, pixels):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_add(self, key, pixels)
+
+    monkeypatch.setattr(CopyWriter, "add", add_until_full)
+    result = CliRunner().invoke(main, ["prepare", "--params", str(params), "--out", str(out)])
+    assert result.exit_code == 1
+    assert "disk full" in result.output and "Traceback" not in result.output
+    messages = [line for line in re.split(r"[\r\n]", result.output)
+                if line.strip() and "prepare: decoding" not in line]  # not tqdm's bar
+    assert len(messages) == 1 and "disk full" in messages[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ordered_map_keeps_order_and_bounds_what_it_reads_ahead(workers):
+    from pipeline.stages.prepare import ordered_map
+
+    consumed = []
+
+    def items():
+        for i in range(50):
+            consumed.append(i)
+            yield (i,)
+
+    results = ordered_map(abs_negated, items(), workers, window=4)
+    first = next(results)
+    assert first == 0 and len(consumed) <= 4
+    assert [first] + list(results) == [-i for i in range(50)]
+
+
+def abs_negated(i):
+    return -abs(i)
