@@ -574,8 +574,8 @@ def bench_scaling(params_path: str, prepared: str, cut_cache_dir: str, head_mode
 @click.option("--scale", default=4, show_default=True, type=click.IntRange(2))
 @click.option("--views", default=4, show_default=True, type=click.IntRange(1),
               help="cut_cache augmented views")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
-              help="features/cut_cache loader processes")
+@click.option("--workers", default=None, type=click.IntRange(0),
+              help="features/cut_cache loader processes [default: the params default]")
 @click.option("--work", default="data/bench_data", show_default=True,
               type=click.Path(file_okay=False), help="generated images and runs (kept)")
 @click.option("--out", default="reports/bench_data.json", show_default=True,
@@ -583,7 +583,7 @@ def bench_scaling(params_path: str, prepared: str, cut_cache_dir: str, head_mode
 @click.option("--md", default="reports/bench_data.md", show_default=True,
               type=click.Path(dir_okay=False))
 @friendly_errors
-def bench_data(count: int, n_phone: int, scale: int, views: int, workers: int, work: str,
+def bench_data(count: int, n_phone: int, scale: int, views: int, workers: int | None, work: str,
                out: str, md: str) -> None:
     """Photo data path: per stage img/s end to end vs network-only, N -> scale x N, peak RSS."""
     from .tools.bench_data import run

@@ -35,14 +35,18 @@ def view_pixels(images: PreparedImages, key: str, pp: Preprocessing, policy: Aug
 
 
 def image_batches(images: PreparedImages, keys: Sequence[str], pp: Preprocessing,
-                  batches: Sequence[Sequence[int]], workers: int = 0, policy: Augment = "none",
+                  batches: Sequence[Sequence[int]], workers: int | None = 0,
+                  policy: Augment = "none",
                   seed: int = 0, view: int = 0) -> Iterator[np.ndarray]:
     """Yield float32 NCHW arrays for each list of indices (into ``keys``) in ``batches``, in
-    that order. With ``workers`` > 0 the batches are made in worker processes while the caller
+    that order. With ``workers`` > 0 (None: :func:`~pipeline.core.runtime.resolve_workers`) the batches are made in worker processes while the caller
     runs the network, at most two batches ahead per worker (bounded memory)."""
     from torch.utils.data import DataLoader, Dataset
 
+    from .runtime import resolve_workers
+
     images.require(pp.resize_size)
+    workers = resolve_workers(workers)
 
     class _Views(Dataset):  # type: ignore[type-arg]
         def __len__(self) -> int:

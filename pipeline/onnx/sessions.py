@@ -4,7 +4,9 @@
 ``openvino``) and onnxruntime's names, used by ``pipeline predict``, the runner and ``bench``.
 OpenVINO runs through onnxruntime's plugin execution provider (the ``onnxruntime-ep-openvino``
 package, registered with ``register_execution_provider_library``), so every engine is one
-onnxruntime session with the same inputs and outputs. No torch here.
+onnxruntime session with the same inputs and outputs. That plugin offers Intel devices only; on
+other x86-64 CPUs (AMD) the ``openvino`` provider runs the same file on the OpenVINO runtime
+itself (:mod:`pipeline.onnx.openvino_runtime`, the same session calls). No torch here.
 """
 
 from __future__ import annotations
@@ -109,8 +111,27 @@ def openvino_device() -> tuple[Any, str | None]:
     devices = [d for d in ort.get_ep_devices() if d.ep_name == plugin.get_ep_name()
                and dict(d.ep_metadata).get("ov_device") == "CPU"]
     if not devices:
-        return None, "the OpenVINO plugin found no CPU device"
+        vendors = sorted({d.device.vendor for d in ort.get_ep_devices()
+                          if d.device.type == ort.OrtHardwareDeviceType.CPU})
+        return None, ("onnxruntime-ep-openvino lists no CPU device here (it offers Intel "
+                      f"hardware only; this CPU: {', '.join(vendors) or 'unknown vendor'})")
     return devices[0], None
+
+
+@functools.lru_cache(maxsize=1)
+def openvino_backend() -> tuple[str | None, str]:
+    """How the ``openvino`` provider runs here: ``("plugin", why)`` through onnxruntime's
+    plugin EP (Intel CPUs), ``("runtime", why)`` through the ``openvino`` runtime directly (any
+    x86-64 CPU, e.g. AMD, where the plugin lists no device), or ``(None, why not)``."""
+    from .openvino_runtime import cpu_available, runtime_version
+
+    device, plugin_reason = openvino_device()
+    if device is not None:
+        return "plugin", "onnxruntime-ep-openvino"
+    runtime_reason = cpu_available()
+    if runtime_reason is None:
+        return "runtime", f"openvino {runtime_version()} runtime ({plugin_reason})"
+    return None, f"{plugin_reason}; {runtime_reason}"
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -118,7 +139,8 @@ def unavailable_reason(name: str) -> str | None:
     import onnxruntime as ort
 
     if name == "openvino":
-        return openvino_device()[1]
+        backend, why = openvino_backend()
+        return None if backend else why
     if PROVIDERS[name] not in ort.get_available_providers():
         return f"this onnxruntime build has no {PROVIDERS[name]}"
     return None
@@ -127,14 +149,23 @@ def unavailable_reason(name: str) -> str | None:
 def new_session(path: str | Path, names: Sequence[str], options: Any,
                 provider_options: Sequence[dict[str, Any]] | None = None) -> Any:
     """An onnxruntime session on the providers ``names`` (short names, in order of
-    preference; CPU last is the fallback). OpenVINO goes through the plugin EP's device API."""
+    preference; CPU last is the fallback). OpenVINO goes through the plugin EP's device API,
+    or where the plugin offers no device, through the OpenVINO runtime itself
+    (:class:`pipeline.onnx.openvino_runtime.OpenVinoSession`, the same calls)."""
     import onnxruntime as ort
 
     provider_options = list(provider_options or [{} for _ in names])
     if names and names[0] == "openvino":
-        device, reason = openvino_device()
-        if device is None:
+        backend, reason = openvino_backend()
+        if backend is None:
             raise PipelineError(f"openvino: {reason}")
+        if backend == "runtime":
+            from .openvino_runtime import OpenVinoSession
+
+            extra = dict(provider_options[0])
+            threads = int(extra.pop("num_of_threads", options.intra_op_num_threads))
+            return OpenVinoSession(path, threads, extra)
+        device, _ = openvino_device()
         options.add_provider_for_devices([device], {k: str(v) for k, v in
                                                      (OPENVINO_OPTIONS |
                                                       provider_options[0]).items()})

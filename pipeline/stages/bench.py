@@ -53,7 +53,8 @@ from ..core.errors import PipelineError
 from ..core.params import as_dict
 from ..core.runtime import available_cpus, cpu_name, cuda_tf32, resolve_threads
 from ..onnx.contract import VARIANT_FILES
-from ..onnx.sessions import PROVIDERS, accurate_rows, new_session, unavailable_reason, cuda_tf32_option
+from ..onnx.sessions import (PROVIDERS, accurate_rows, cuda_tf32_option, new_session,
+                             openvino_backend, unavailable_reason)
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
 
@@ -224,6 +225,8 @@ def ort_rows(path: Path, variant: str, provider: str, params: BenchParams, pixel
     head = {**base, "engine": "onnxruntime", "provider": provider, "variant": variant,
             "trt_fp16": params.trt_fp16 if provider == "tensorrt" else None,
             "tf32": params.cuda_tf32 if provider == "cuda" else None}
+    if provider == "openvino":  # the plugin EP, or the OpenVINO runtime where it has no device
+        head["openvino_backend"] = openvino_backend()[1]
     reason = unavailable_reason(provider)
     if reason is None:
         _rss_reset()

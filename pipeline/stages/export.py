@@ -358,7 +358,8 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                 source = Path(work) / "fp32_probabilities_only.onnx"  # changes the QDQ plan
                 shutil.copyfile(fixed, source)
                 drop_logits_output(source)
-            export_int8(source, staged["int8"], calib, params.int8_calibration)
+            export_int8(source, staged["int8"], calib, params.int8_calibration,
+                        params.int8_reduce_range)
             report["calibration_images"] = len(calib)
         for variant, path in staged.items():
             if variant == "fp32" and raw_input:  # the original images, as an app has them

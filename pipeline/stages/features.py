@@ -40,7 +40,7 @@ from ..core.runtime import cuda_tf32, resolve_threads
 
 
 def iter_batches(images: PreparedImages, keys: list[str], pp: Preprocessing, batch_size: int,
-                 workers: int) -> Iterator[np.ndarray]:
+                 workers: int | None) -> Iterator[np.ndarray]:
     """Yield float32 NCHW batches of the decoded copies in order (made in worker processes
     when ``workers`` > 0)."""
     from ..core.batches import image_batches, sequential_batches

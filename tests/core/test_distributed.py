@@ -87,3 +87,20 @@ def test_two_gloo_processes_match_one(tmp_path, cli_env):
     m2 = json.loads((tmp_path / "ft_two.json").read_text())
     assert m1 == m2
     assert not list(tmp_path.glob("*.resume.pt")) and not list(tmp_path.glob(".*.tmp"))
+    # bench-scaling runs the same two launches on this project and reports what they did
+    out = _pipeline(["bench-scaling", "--params", "one.yaml", "--procs", "1,2", "--epochs", "1",
+                     "--out", "scaling.json"], tmp_path, cli_env)
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    rows = report["results"]
+    assert [r["processes"] for r in rows] == [1, 2] and "2 process(es)" in out
+    assert report["images"] == len((tmp_path / "data" / "prepared" / "manifest.csv")
+                                   .read_text().splitlines()) - 1
+    assert all(r["features_identical_to_first"] for r in rows)
+    assert rows[0]["finetune_max_weight_diff_vs_first"] == 0.0
+    assert rows[1]["finetune_max_weight_diff_vs_first"] <= WEIGHT_TOLERANCE
+    assert rows[0]["finetune_val_accuracy"] == rows[1]["finetune_val_accuracy"]
+    for r in rows:
+        speedup = rows[0]["features_seconds"] / r["features_seconds"]
+        assert r["features_speedup"] == round(speedup, 3)
+        assert r["features_efficiency"] == round(speedup / r["processes"], 3)
+        assert r["features_images_per_s"] == round(report["images"] / r["features_seconds"], 2)

@@ -7,10 +7,11 @@ import json
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.onnx import sessions
+from pipeline.onnx import openvino_runtime, sessions
 from pipeline.onnx.runner import ModelError, OnnxClassifier
 
 OPENVINO = sessions.unavailable_reason("openvino")
+OV_RUNTIME = openvino_runtime.cpu_available()
 
 
 def report(tmp_path, rows):
@@ -87,3 +88,56 @@ def test_the_runner_resolves_auto_and_says_why(exported, tmp_path, monkeypatch):
                         lambda name: None if name == "cpu" else "absent")
     runner = OnnxClassifier(root / "out" / "model.onnx", ["auto"], bench_report=None)
     assert runner.requested == ["cpu"] and "fixed order" in runner.chosen_why
+
+
+def test_openvino_falls_back_to_its_runtime_where_the_plugin_lists_no_device(monkeypatch):
+    """onnxruntime-ep-openvino offers Intel hardware only; on other CPUs (AMD) the openvino
+    provider uses the OpenVINO runtime directly, and says so."""
+    monkeypatch.setattr(sessions, "openvino_device", lambda: (None, "no Intel device"))
+    sessions.openvino_backend.cache_clear()
+    try:
+        backend, why = sessions.openvino_backend()
+        if openvino_runtime.cpu_available() is None:
+            assert backend == "runtime" and "no Intel device" in why and "runtime" in why
+            assert sessions.unavailable_reason("openvino") is None
+        else:
+            assert backend is None and why.startswith("no Intel device; ")
+            assert sessions.unavailable_reason("openvino") == why
+        monkeypatch.setattr(openvino_runtime, "cpu_available", lambda: "no runtime here")
+        sessions.openvino_backend.cache_clear()
+        assert sessions.openvino_backend() == (None, "no Intel device; no runtime here")
+        with pytest.raises(PipelineError, match="openvino: no Intel device; no runtime here"):
+            sessions.new_session("m.onnx", ["openvino", "cpu"], sessions.session_options(1))
+    finally:
+        sessions.openvino_backend.cache_clear()
+
+
+@pytest.mark.skipif(OV_RUNTIME is not None, reason=f"OpenVINO runtime unavailable: {OV_RUNTIME}")
+def test_the_openvino_runtime_session_answers_like_onnxruntime(exported):
+    import numpy as np
+    import onnxruntime as ort
+
+    from pipeline.onnx.openvino_runtime import OpenVinoSession
+
+    root, _ = exported
+    for name in ("model.fixed.onnx", "model.int8.onnx"):
+        path = root / "out" / "variants" / name
+        ov = OpenVinoSession(path, threads=1)
+        cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [(i.name, i.type) for i in ov.get_inputs()] == \
+            [(i.name, i.type) for i in cpu.get_inputs()]
+        assert [o.name for o in ov.get_outputs()] == [o.name for o in cpu.get_outputs()]
+        assert ov.get_inputs()[0].shape[1:] == cpu.get_inputs()[0].shape[1:]
+        assert not isinstance(ov.get_inputs()[0].shape[0], int)  # dynamic batch stays dynamic
+        assert ov.get_modelmeta().custom_metadata_map == \
+            dict(cpu.get_modelmeta().custom_metadata_map)
+        size = cpu.get_inputs()[0].shape[1]
+        x = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+        p_ov, = ov.run(["probabilities"], {"image": x})
+        p_cpu, = cpu.run(["probabilities"], {"image": x})
+        # the INT8 file quantises its softmax output too (steps of 1/255)
+        assert p_ov.shape == p_cpu.shape
+        assert np.allclose(p_ov.sum(1), 1, atol=1e-4 if "fixed" in name else 2e-2)
+        assert float(np.abs(p_ov - p_cpu).max()) < (1e-3 if "fixed" in name else 5e-2)
+        both = ov.run(None, {"image": x[:1]})
+        assert len(both) == len(cpu.get_outputs()) and both[0].shape[0] == 1

@@ -172,8 +172,8 @@ def test_openvino_rows_run_through_the_plugin_or_say_why_not(exported, tmp_path)
     assert {r["variant"] for r in rows} == {"fp32", "fp16", "int8"}
     reason = unavailable_reason("openvino")
     if reason is not None:
-        assert all(r["status"] == "unavailable" and "onnxruntime-ep-openvino" in r["reason"]
-                   for r in rows)
+        assert all(r["status"] == "unavailable" and r["reason"] == reason
+                   and "pip install openvino" in reason for r in rows)
         return
     ok = {(r["variant"], r["batch_size"]): r for r in rows if r["status"] == "ok"}
     assert set(ok) == {(v, b) for v in ("fp32", "fp16", "int8") for b in (1, 3)}

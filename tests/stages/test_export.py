@@ -38,7 +38,10 @@ def test_export_checks_pass_and_are_recorded(exported):
     fp32, fp16, int8 = (report["variants"][v] for v in ("fp32", "fp16", "int8"))
     assert fp32["max_abs_diff_probabilities"] <= 1e-4 and fp32["max_abs_diff_logits"] <= 1e-4
     assert fp32["top1_agreement"] == 1.0 and fp32["passed"]
-    assert fp16["top1_agreement"] >= 0.995 and int8["accuracy_drop_vs_fp32"] <= 0.01
+    # the fixture beats chance (0.1) by far, so these agreements mean something
+    assert report["test_images"] == 40 and report["pytorch_test_accuracy"] >= 0.5
+    assert fp16["top1_agreement"] >= 0.995 and int8["accuracy_drop_vs_fp32"] <= 0.05
+    assert int8["top1_agreement"] >= 0.9
     assert (root / "out" / "variants" / "model.fp16.onnx").is_file()
     assert (root / "out" / "variants" / "model.int8.onnx").is_file()
     int8_model = onnx.load(str(root / "out" / "variants" / "model.int8.onnx"))
@@ -660,3 +663,28 @@ def test_the_runner_refuses_absolute_external_data_and_a_wrong_output_width(expo
     onnx.save(fixed, str(tmp_path / "wide.onnx"))
     with pytest.raises(ModelError, match="do not give probabilities for the 11 classes"):
         OnnxClassifier(tmp_path / "wide.onnx")
+
+
+def test_int8_weights_are_7_bit_by_default_and_8_bit_when_asked(exported, tmp_path):
+    """export.int8_reduce_range (default true) keeps INT8 weights in [-64, 63], which the
+    U8S8 kernels of CPUs without VNNI multiply without saturating; false uses the full range."""
+    from onnx import numpy_helper
+
+    from pipeline.onnx.convert import export_int8
+
+    root, _ = exported
+    fixed = root / "out" / "variants" / "model.fixed.onnx"
+
+    def weight_range(path):
+        model = onnx.load(str(path))
+        values = [numpy_helper.to_array(t) for t in model.graph.initializer
+                  if t.data_type == onnx.TensorProto.INT8 and t.dims]
+        return min(int(v.min()) for v in values), max(int(v.max()) for v in values)
+
+    low, high = weight_range(root / "out" / "variants" / "model.int8.onnx")
+    assert -64 <= low and high <= 63
+    size = onnx.load(str(fixed)).graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    calib = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    export_int8(fixed, tmp_path / "full.onnx", calib, "minmax", reduce_range=False)
+    low, high = weight_range(tmp_path / "full.onnx")
+    assert low < -64 or high > 63

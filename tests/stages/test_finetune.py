@@ -242,6 +242,57 @@ def test_interrupted_run_resumes_to_the_same_bytes(project, tmp_path):
         (tmp_path / "whole" / "model.safetensors").read_bytes()
 
 
+KILL_MID_EPOCH = """
+import dataclasses, json, os, signal, sys
+from pipeline.core.config import FinetuneParams
+from pipeline.stages import finetune as stage
+from tests.conftest import finetune
+
+project, out, cache, params, kill_epoch = sys.argv[1:6]
+train_epoch = stage.train_epoch
+
+def train_epoch_then_die(model, source, epoch, order, labels, optimizer, *args, **kwargs):
+    if epoch == int(kill_epoch):  # one optimiser step into this epoch, then SIGKILL
+        step = optimizer.step
+
+        def step_then_die(*a, **k):
+            step(*a, **k)
+            os.kill(os.getpid(), signal.SIGKILL)
+        optimizer.step = step_then_die
+    return train_epoch(model, source, epoch, order, labels, optimizer, *args, **kwargs)
+
+stage.train_epoch = train_epoch_then_die
+from pathlib import Path
+finetune(Path(project), FinetuneParams(**json.loads(params)), Path(out), cache=Path(cache))
+"""
+
+
+def test_sigkill_mid_epoch_leaves_no_output_and_resumes_to_the_same_bytes(project, tmp_path):
+    """A real SIGKILL in the middle of epoch 3 (a separate process, killed after one optimiser
+    step): no model is written, the resume state is epoch 2's, and the resumed run gives the
+    bytes of an uninterrupted one."""
+    import subprocess
+    import sys
+
+    params = dataclasses.replace(FAST, epochs=4, patience=0)
+    cache = build_cache(project, params, "cache_fast4")
+    whole = finetune(project, params, tmp_path / "whole", cache=cache)
+    out = tmp_path / "killed"
+    child = subprocess.run([sys.executable, "-c", KILL_MID_EPOCH, str(project), str(out),
+                            str(cache), json.dumps(dataclasses.asdict(params)), "3"],
+                           cwd=REPO, capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert "epoch 2/4" in child.stdout and "epoch 3/4" not in child.stdout
+    assert not (out / "model.safetensors").exists() and not (out / "model.json").exists()
+    state = torch.load(out / ".model.safetensors.resume.pt", weights_only=True)
+    assert state["epoch"] == 2
+    resumed = finetune(project, params, out, cache=cache)
+    assert json.loads((out / "timing.json").read_text())["resumed_from_epoch"] == 3
+    assert resumed == whole
+    assert (out / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
 def test_head_from_another_backbone_is_refused(project, tmp_path):
     other = json.loads((project / "head.json").read_text())
     other["backbone"]["weights"] = "file:other.safetensors"

@@ -1,0 +1,103 @@
+"""Atomic writes: the final name appears only complete, failures keep what was there, killed
+writers' temporaries are cleaned, live ones are not."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.core import atomic
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_atomic_file_replaces_only_on_success_and_keeps_the_usual_mode(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    atomic.write_text(target, "first")
+    assert target.read_text() == "first"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_file(target) as tmp:
+            assert tmp.parent == target.parent and tmp != target
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "first"
+    assert leftovers(target.parent) == []
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out"
+    with atomic.atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(ValueError):
+        with atomic.atomic_dir(target) as tmp:
+            (tmp / "b").write_text("2")
+            raise ValueError
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    with atomic.atomic_dir(target) as tmp:
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c"]
+    assert leftovers(tmp_path) == []
+
+
+def test_json_and_csv_writers_write_what_they_are_given(tmp_path):
+    atomic.write_json(tmp_path / "x.json", {"b": [1, 2], "a": "é"})
+    assert json.loads((tmp_path / "x.json").read_text(encoding="utf-8")) == {"b": [1, 2],
+                                                                              "a": "é"}
+    assert (tmp_path / "x.json").read_text().endswith("}\n")
+    atomic.write_csv(tmp_path / "x.csv", ("path", "n"), [("a,b", 1), ("c", 2)])
+    with open(tmp_path / "x.csv", newline="", encoding="utf-8") as handle:
+        assert list(csv.reader(handle)) == [["path", "n"], ["a,b", "1"], ["c", "2"]]
+
+
+def test_a_sigkilled_writer_leaves_the_old_file_and_its_temp_is_cleaned_next_time(tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"old")
+    code = ("import os, signal, sys; from pipeline.core.atomic import atomic_file\n"
+            "with atomic_file(sys.argv[1]) as tmp:\n"
+            "    tmp.write_bytes(b'half')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(target)])
+    assert child.wait() == -signal.SIGKILL
+    assert target.read_bytes() == b"old"
+    stale = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert [p.name.split(".")[3] for p in stale] == [str(child.pid)]
+    assert stale[0].read_bytes() == b"half"
+    # the dead writer's temporary goes at the next write; a live process's temporary stays
+    live = tmp_path / f".model.bin.{os.getppid()}.keep.tmp"
+    live.write_bytes(b"busy")
+    other = tmp_path / ".model.bin.notapid.tmp"
+    other.write_bytes(b"?")
+    atomic.write_text(target, "new")
+    names = leftovers(tmp_path)
+    assert stale[0].name not in names
+    assert live.name in names and other.name in names
+    assert target.read_text() == "new"
+
+
+def test_stale_folders_of_dead_writers_are_removed_but_not_other_files(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_dir = tmp_path / f".out.{dead.pid}.abc.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "f").write_text("x")
+    old = tmp_path / f".out.{dead.pid}.abc.old"
+    old.mkdir()
+    unrelated = tmp_path / f".out.{dead.pid}.abc.txt"
+    unrelated.write_text("keep")
+    mine = tmp_path / f".out.{os.getpid()}.abc.tmp"
+    mine.write_text("mine")
+    atomic.remove_stale_temps(tmp_path / "out")
+    assert not stale_dir.exists() and not old.exists()
+    assert unrelated.exists() and mine.exists()
