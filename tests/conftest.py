@@ -143,8 +143,10 @@ def exported(tmp_path_factory):
                                       threads=2, batch_size=8),
              root / "prepared", root / "none", root / "head.safetensors", root / "head.json",
              root / "model.safetensors", root / "model.json", root / "fm.json", root / "fp")
-    # 40 test images: one image is 2.5 points, so INT8 may lose two of them here
-    report = export(ExportParams(threads=2, int8_max_accuracy_drop=0.05), root / "model.safetensors",
+    # 40 test images: one image is 2.5 points, so INT8 may lose two of them here; this random-
+    # init network loses three with 7-bit weights, so the fixture quantises with 8-bit ones
+    report = export(ExportParams(threads=2, int8_max_accuracy_drop=0.05,
+                                 int8_reduce_range=False), root / "model.safetensors",
                     root / "model.json", root / "prepared", root / "out" / "model.onnx",
                     root / "out" / "variants", root / "export.json", root / "calibration")
     _to_fixture_cache("exported", root)
