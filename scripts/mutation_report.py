@@ -1,8 +1,12 @@
-"""Score per module from ``mutmut results --all true``: killed / (all mutants that ran), the
-survivors listed. Usage: python scripts/mutation_report.py mutants/results.txt out.json"""
+"""Score per module from ``mutmut results --all true``: killed / (mutants that ran), the
+survivors listed. Only the mutants that ``scripts/mutation_targets.txt`` selects count (a
+systematic sample: every mutant whose number ends in 0 or 5, in the listed functions), so a
+run that also has older results reports the same set.
+Usage: python scripts/mutation_report.py mutants/results.txt out.json"""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import sys
@@ -14,12 +18,17 @@ NOT_RUN = {"not checked", "skipped", "no tests"}
 
 
 def main(results: str, out: str) -> None:
+    targets = [line.strip() for line in
+               (Path(__file__).parent / "mutation_targets.txt").read_text().splitlines()
+               if line.strip()]
     by_module: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for line in Path(results).read_text(encoding="utf-8").splitlines():
         match = re.match(r"\s*(\S+): (.+)$", line)
         if not match:
             continue
         name, status = match.groups()
+        if not any(fnmatch.fnmatch(name, t) for t in targets) or status == "not checked":
+            continue
         module = re.split(r"\.x[_ǁ]", name, maxsplit=1)[0]
         by_module[module][status.strip()].append(name)
     rows = []

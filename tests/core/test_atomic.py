@@ -75,11 +75,17 @@ def test_a_sigkilled_writer_leaves_the_old_file_and_its_temp_is_cleaned_next_tim
     assert [p.name.split(".")[3] for p in stale] == [str(child.pid)]
     assert stale[0].read_bytes() == b"half"
     # the dead writer's temporary goes at the next write; a live process's temporary stays
-    live = tmp_path / f".model.bin.{os.getppid()}.keep.tmp"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = tmp_path / f".model.bin.{sleeper.pid}.keep.tmp"
     live.write_bytes(b"busy")
     other = tmp_path / ".model.bin.notapid.tmp"
     other.write_bytes(b"?")
-    atomic.write_text(target, "new")
+    try:
+        atomic.write_text(target, "new")
+        assert sleeper.poll() is None  # probed for life, never signalled
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     names = leftovers(tmp_path)
     assert stale[0].name not in names
     assert live.name in names and other.name in names

@@ -122,3 +122,32 @@ def test_one_bit_and_grey(tmp_path):
     Image.new("L", (3, 3), 77).save(tmp_path / "l.png")
     assert tuple(np.asarray(load_rgb(tmp_path / "b.png"))[0, 0]) == (255, 255, 255)
     assert tuple(np.asarray(load_rgb(tmp_path / "l.png"))[0, 0]) == (77, 77, 77)
+
+
+def test_float_images_are_scaled_from_unit_range_and_nan_becomes_black(tmp_path):
+    """Mode F (32-bit float TIFF): values in [0, 1] are scaled to 0..255, larger values are
+    taken as 0..255 already, NaN becomes 0; nothing wraps around."""
+    from PIL import Image as PILImage
+
+    unit = np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32)
+    PILImage.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+    arr = np.asarray(load_rgb(tmp_path / "unit.tif"))
+    assert arr[:, :, 0].tolist() == [[0, 64], [128, 255]]
+    assert (arr[:, :, 0] == arr[:, :, 1]).all()
+    wide = np.array([[np.nan, 2.0], [100.0, 300.0]], dtype=np.float32)
+    PILImage.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
+    arr = np.asarray(load_rgb(tmp_path / "wide.tif"))
+    assert arr[:, :, 0].tolist() == [[0, 2], [100, 255]]
+
+
+def test_32_bit_integer_images_beyond_16_bits_are_scaled_to_their_peak(tmp_path):
+    from PIL import Image as PILImage
+
+    values = np.array([[0, 70000], [140000, 140000]], dtype=np.int32)
+    PILImage.fromarray(values, mode="I").save(tmp_path / "i32.tif")
+    arr = np.asarray(load_rgb(tmp_path / "i32.tif"))
+    assert arr[:, :, 0].tolist() == [[0, 128], [255, 255]]
+    small = np.array([[0, 100], [200, 255]], dtype=np.int32)  # 8-bit data in a 32-bit image
+    PILImage.fromarray(small, mode="I").save(tmp_path / "i8.tif")
+    assert np.asarray(load_rgb(tmp_path / "i8.tif"))[:, :, 0].tolist() == [[0, 100],
+                                                                           [200, 255]]

@@ -6,6 +6,8 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.core.config import (
     SECTIONS,
+    ExportParams,
+    FeaturesParams,
     PrepareParams,
     TrainHeadParams,
     load_params,
@@ -104,3 +106,40 @@ def test_cli_invalid_yaml(tmp_path):
     params.write_text("prepare: [unclosed\n")
     result = CliRunner().invoke(main, ["prepare", "--params", str(params)])
     assert result.exit_code == 1 and "not valid YAML" in result.output
+
+
+@pytest.mark.parametrize("cls, section, data, message", [
+    # optional ints name both accepted types
+    (FeaturesParams, "features", {"workers": "two"},
+     "features.workers must be int or null (got 'two')"),
+    (FeaturesParams, "features", {"workers": -1}, "features.workers must be >= 0 (got -1)"),
+    (FeaturesParams, "features", {"verify_tolerance": 0}, "features.verify_tolerance must be > 0"),
+    (FeaturesParams, "features", {"batch_size": 5000}, "features.batch_size must be <= 4096"),
+    (ExportParams, "export", {"variants": "int8"}, "export.variants must be a list"),
+    (ExportParams, "export", {"variants": ["int4"]},
+     "export.variants[0] must be one of 'fp16', 'int8'"),
+    (ExportParams, "export", {"int8_reduce_range": "yes"},
+     "export.int8_reduce_range must be true or false (got 'yes')"),
+    (ExportParams, "export", {"fp16_min_agreement": 1.5},
+     "export.fp16_min_agreement must be <= 1.0 (got 1.5)"),
+    (ExportParams, "export", {"opset": 17}, "export.opset must be >= 18 (got 17)"),
+    (ExportParams, "export", "fast", "export must be a mapping of keys (got 'fast')"),
+])
+def test_each_kind_of_bad_value_gets_its_own_message(cls, section, data, message):
+    with pytest.raises(ParamsError) as err:
+        parse_section(cls, data, section)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_bounds_are_inclusive_exactly_where_they_say_so():
+    assert parse_section(FeaturesParams, {"batch_size": 4096}, "features").batch_size == 4096
+    assert parse_section(FeaturesParams, {"batch_size": 1}, "features").batch_size == 1
+    with pytest.raises(ParamsError, match="must be >= 1"):
+        parse_section(FeaturesParams, {"batch_size": 0}, "features")
+    assert parse_section(ExportParams, {"int8_max_accuracy_drop": 0.0},
+                         "export").int8_max_accuracy_drop == 0.0
+    assert parse_section(ExportParams, {"tolerance": 1e-9}, "export").tolerance == 1e-9
+    assert parse_section(ExportParams, {"variants": ["fp16"]}, "export").variants == ("fp16",)
+    assert parse_section(ExportParams, None, "export") == ExportParams()
+    value = parse_section(ExportParams, {"tolerance": 1}, "export").tolerance
+    assert value == 1.0 and isinstance(value, float)
