@@ -104,15 +104,14 @@ def openvino_device() -> tuple[Any, str | None]:
         return None, f"onnxruntime-ep-openvino is not installed ({OPENVINO_INSTALL})"
     if not hasattr(ort, "register_execution_provider_library"):
         return None, f"onnxruntime {ort.__version__} has no plugin execution providers (>= 1.23)"
-    # the plugin offers Intel hardware only; on other CPUs it is not even loaded: its bundled
-    # libopenvino would stand in for the openvino runtime's own (same soname) in this process
-    # (a segfault and a 24 GB allocation in the tests, AMD EPYC)
-    vendors = sorted({d.device.vendor for d in ort.get_ep_devices()
-                      if d.device.type == ort.OrtHardwareDeviceType.CPU})
-    if vendors and not any(INTEL_VENDOR_ID == d.device.vendor_id for d in ort.get_ep_devices()
-                           if d.device.type == ort.OrtHardwareDeviceType.CPU):
+    # the plugin offers Intel hardware only; on other CPUs it is not even loaded: once
+    # registered, its bundled libopenvino.so.2641 stands in for the openvino runtime's own
+    # (same soname) in this process, and the runtime then runs on the plugin's copy
+    cpus = [d.device for d in ort.get_ep_devices()
+            if d.device.type == ort.OrtHardwareDeviceType.CPU]
+    if cpus and not any(cpu.vendor_id == INTEL_VENDOR_ID for cpu in cpus):
         return None, ("onnxruntime-ep-openvino offers Intel hardware only (this CPU: "
-                      f"{', '.join(vendors)})")
+                      f"{', '.join(sorted({cpu.vendor for cpu in cpus}))})")
     try:
         ort.register_execution_provider_library("openvino_ep", plugin.get_library_path())
     except Exception as exc:  # already registered in this process, or a broken plugin
