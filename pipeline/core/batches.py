@@ -39,7 +39,8 @@ def image_batches(images: PreparedImages, keys: Sequence[str], pp: Preprocessing
                   policy: Augment = "none",
                   seed: int = 0, view: int = 0) -> Iterator[np.ndarray]:
     """Yield float32 NCHW arrays for each list of indices (into ``keys``) in ``batches``, in
-    that order. With ``workers`` > 0 (None: :func:`~pipeline.core.runtime.resolve_workers`) the batches are made in worker processes while the caller
+    that order. With ``workers`` > 0 (None: :func:`~pipeline.core.runtime.resolve_workers`)
+    the batches are made in worker processes while the caller
     runs the network, at most two batches ahead per worker (bounded memory)."""
     from torch.utils.data import DataLoader, Dataset
 

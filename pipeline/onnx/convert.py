@@ -59,21 +59,22 @@ def export_key(model: Any, example: Any, input_name: str, output_names: Sequence
             digest.update(part if isinstance(part, bytes) else repr(part).encode())
             digest.update(b"\0")
 
+    def add_tensor(name: str, tensor: Any) -> None:
+        data = tensor.detach().cpu().contiguous()
+        add(name, str(data.dtype), tuple(data.shape),
+            data.view(-1).view(torch.uint8).numpy().tobytes())
+
     add("export-v1", torch.__version__, onnx.__version__, input_name, list(output_names), opset,
         tuple(example.shape), str(example.dtype), repr(model))
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        data = tensor.detach().cpu().contiguous()
-        add(name, str(data.dtype), tuple(data.shape), data.view(-1).view(torch.uint8).numpy()
-            .tobytes())
+        add_tensor(name, tensor)
     sources = {__file__}
     for name, module in model.named_modules():
         for attr, value in sorted(vars(module).items()):
             if attr.startswith("_"):
                 continue
             if isinstance(value, torch.Tensor):  # a constant that is not a registered buffer
-                data = value.detach().cpu().contiguous()
-                add(attr, str(data.dtype), tuple(data.shape),
-                    data.view(-1).view(torch.uint8).numpy().tobytes())
+                add_tensor(attr, value)
             elif " at 0x" not in repr(value):
                 add(attr, value)
         forward = getattr(type(module), "forward", None)
