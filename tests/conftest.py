@@ -97,7 +97,7 @@ FIXTURE_CACHE = os.environ.get("PIPELINE_TEST_FIXTURE_CACHE")
 
 
 def _from_fixture_cache(name: str, root: Path) -> bool:
-    """Under scripts/mutation.sh only (PIPELINE_TEST_FIXTURE_CACHE set): every mutant's test
+    """Under scripts/mutation.py only (PIPELINE_TEST_FIXTURE_CACHE set): every mutant's test
     run reuses the session fixtures built once from unmutated code, instead of rebuilding them
     (a minute each). Normal runs build them."""
     if not FIXTURE_CACHE or not (Path(FIXTURE_CACHE) / name).is_dir():

@@ -30,6 +30,14 @@ OPENVINO_OPTIONS = {"load_config": '{"CPU": {"INFERENCE_PRECISION_HINT": "f32"}}
 INTEL_VENDOR_ID = 0x8086  # PCI vendor id, as onnxruntime's hardware devices report it
 OPENVINO_INSTALL = ("pip install onnxruntime-ep-openvino (Linux and Windows x86-64; the "
                     "project's setup installs it there)")
+# onnxruntime-gpu's TensorRT provider links against TensorRT 10, which no PyPI wheel of ours
+# brings: PyPI's tensorrt-cu12/-cu13 packages are stubs that fetch the real wheels from
+# NVIDIA's own index at install time (offline machines cannot install them)
+TENSORRT_LIBRARY = "libnvinfer.so.10"
+TENSORRT_INSTALL = ("install TensorRT 10 from NVIDIA's index: pip install --extra-index-url "
+                    "https://pypi.nvidia.com tensorrt-cu12-libs (CUDA 12; tensorrt-cu13-libs for "
+                    "CUDA 13), or NVIDIA's TensorRT tar/deb packages with the library folder on "
+                    "LD_LIBRARY_PATH")
 
 
 GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
@@ -63,6 +71,28 @@ def preload_gpu_libraries() -> None:
         preload(directory="")
     except Exception:  # missing wheels: the provider then reports its own error
         pass
+
+
+@functools.lru_cache(maxsize=1)
+def tensorrt_library() -> str | None:
+    """Load TensorRT's ``libnvinfer.so.10`` (process-wide, so the TensorRT provider finds it)
+    from the pip wheel's folder (``tensorrt_libs``) or the system's library path; returns what
+    was loaded, or None when it is absent."""
+    import ctypes
+    import importlib.util
+
+    candidates = []
+    spec = importlib.util.find_spec("tensorrt_libs")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [str(Path(folder) / TENSORRT_LIBRARY)
+                       for folder in spec.submodule_search_locations]
+    for candidate in candidates + [TENSORRT_LIBRARY]:
+        try:
+            ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        return candidate
+    return None
 
 
 def cuda_tf32_option(allowed: bool) -> dict[str, str]:
@@ -149,6 +179,8 @@ def unavailable_reason(name: str) -> str | None:
         return None if backend else why
     if PROVIDERS[name] not in ort.get_available_providers():
         return f"this onnxruntime build has no {PROVIDERS[name]}"
+    if name == "tensorrt" and tensorrt_library() is None:
+        return f"{TENSORRT_LIBRARY} not found: {TENSORRT_INSTALL}"
     return None
 
 

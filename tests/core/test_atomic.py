@@ -55,7 +55,8 @@ def test_json_and_csv_writers_write_what_they_are_given(tmp_path):
     atomic.write_json(tmp_path / "x.json", {"b": [1, 2], "a": "é"})
     assert json.loads((tmp_path / "x.json").read_text(encoding="utf-8")) == {"b": [1, 2],
                                                                               "a": "é"}
-    assert (tmp_path / "x.json").read_text().endswith("}\n")
+    assert (tmp_path / "x.json").read_text(encoding="utf-8") == \
+        '{\n  "b": [\n    1,\n    2\n  ],\n  "a": "\\u00e9"\n}\n'
     atomic.write_csv(tmp_path / "x.csv", ("path", "n"), [("a,b", 1), ("c", 2)])
     with open(tmp_path / "x.csv", newline="", encoding="utf-8") as handle:
         assert list(csv.reader(handle)) == [["path", "n"], ["a,b", "1"], ["c", "2"]]
@@ -82,7 +83,8 @@ def test_a_sigkilled_writer_leaves_the_old_file_and_its_temp_is_cleaned_next_tim
     other.write_bytes(b"?")
     try:
         atomic.write_text(target, "new")
-        assert sleeper.poll() is None  # probed for life, never signalled
+        with pytest.raises(subprocess.TimeoutExpired):  # probed for life, never signalled
+            sleeper.wait(timeout=0.5)
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -107,3 +109,51 @@ def test_stale_folders_of_dead_writers_are_removed_but_not_other_files(tmp_path)
     atomic.remove_stale_temps(tmp_path / "out")
     assert not stale_dir.exists() and not old.exists()
     assert unrelated.exists() and mine.exists()
+
+
+def test_atomic_dir_gives_the_folder_the_usual_mode_and_replaces_a_dangling_link(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    target = tmp_path / "out"
+    target.symlink_to(tmp_path / "gone")  # a dangling link: exists() is False
+    with atomic.atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    assert not target.is_symlink() and (target / "a").read_text() == "1"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask
+    assert leftovers(tmp_path) == []
+
+
+def test_a_stale_temp_that_cannot_be_removed_does_not_stop_the_write(tmp_path, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.txt.{dead.pid}.abc.tmp"
+    stale.mkdir()
+    (stale / "f").write_text("x")
+    real_unlink = os.unlink
+
+    def refuse_inside_stale(path, *args, **kwargs):
+        if str(stale) in str(path) or kwargs.get("dir_fd") is not None:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse_inside_stale)
+    atomic.write_text(tmp_path / "out.txt", "new")
+    monkeypatch.undo()
+    assert (tmp_path / "out.txt").read_text() == "new"
+
+
+def test_a_process_of_another_user_counts_as_alive(monkeypatch):
+    def denied(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", denied)
+    assert atomic._pid_alive(12345) is True
+
+
+def test_stale_temps_of_dead_writers_with_lower_pids_are_removed_too(tmp_path):
+    """PIDs wrap around: a dead writer's PID may be below this process's."""
+    dead = next(pid for pid in range(os.getpid() - 1, 1, -1) if not atomic._pid_alive(pid))
+    stale = tmp_path / f".out.txt.{dead}.abc.tmp"
+    stale.write_text("half")
+    atomic.write_text(tmp_path / "out.txt", "new")
+    assert not stale.exists()

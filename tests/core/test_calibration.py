@@ -9,6 +9,10 @@ import pytest
 
 from pipeline.core.calibration import (
     LOG_T_BOUNDS,
+    accuracy_bound,
+    calibration_figures,
+    cross_fitted_check,
+    mean_confidence,
     brier_score,
     calibration_report,
     choose_temperature,
@@ -124,3 +128,84 @@ def test_nll_ece_brier_and_reliability_on_hand_made_cases():
         pytest.approx(math.log(4))
     # large logits do not overflow
     assert math.isfinite(negative_log_likelihood(np.array([[1e4, -1e4]]), np.array([1])))
+
+
+def test_accuracy_bound_counts_exact_matches_only():
+    # one of three right: (1 + 0.5) / (3 + 1); a class index above the label is not a match
+    assert accuracy_bound(np.array([1, 0, 2]), np.array([0, 1, 2])) == pytest.approx(1.5 / 4)
+    assert accuracy_bound(np.array([0, 0]), np.array([0, 0])) == pytest.approx(2.5 / 3)
+
+
+def test_the_confidence_floor_is_the_smallest_t_whose_confidence_the_accuracy_vouches_for():
+    logits = np.array([[4.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 5.0], [2.0, 0.0, 1.0]])
+    labels = np.array([0, 1, 2, 2])  # three right, the last one wrong
+    bound = (3 + 0.5) / (4 + 1)
+    floor = confidence_floor(logits, labels)
+    assert mean_confidence(logits, floor) == pytest.approx(bound, abs=1e-9)
+    assert mean_confidence(logits, floor * 0.999) > bound
+    # bounds: a model already less confident than the bound at T = 0.01 gets T = 0.01;
+    # one that stays too confident at T = 100 gets T = 100
+    flat = np.zeros((4, 3))
+    assert confidence_floor(flat, np.zeros(4, int)) == pytest.approx(math.exp(LOG_T_BOUNDS[0]))
+    huge = np.array([[1e5, 0.0]] * 3)
+    assert confidence_floor(huge, np.array([0, 1, 1])) == pytest.approx(
+        math.exp(LOG_T_BOUNDS[1]))
+    # the fitted T never goes below the floor, whatever the NLL prefers
+    assert fit_temperature(logits, labels) >= floor
+
+
+def test_reliability_bins_are_closed_on_the_right():
+    probs = np.array([[0.5, 0.5], [0.75, 0.25], [0.25, 0.75], [1.0, 0.0]])
+    labels = np.array([0, 0, 0, 0])
+    rows = reliability(probs, labels, 4)
+    assert [(r["bin"], r["count"]) for r in rows] == [(1, 1), (2, 2), (3, 1)]
+    assert [(r["lower"], r["upper"]) for r in rows] == [(0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+    assert [r["accuracy"] for r in rows] == [1.0, 0.5, 1.0]
+    # a softmax that rounds a hair above 1 still lands in the top bin
+    (top,) = reliability(np.array([[np.nextafter(1.0, 2.0), 0.0]]), np.array([0]), 4)
+    assert (top["bin"], top["count"]) == (3, 1)
+    assert expected_calibration_error(probs, labels, 4) == pytest.approx(
+        0.25 * 0.5 + 0.5 * 0.25 + 0.25 * 0.0)
+
+
+def test_figures_and_report_at_a_given_temperature():
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    labels = np.array([0, 1, 1])
+    figures = calibration_figures(logits, labels, 2.0, bins=10)
+    probs = softmax(logits, 2.0)
+    assert figures == pytest.approx({
+        "nll": negative_log_likelihood(logits, labels, 2.0),
+        "ece": expected_calibration_error(probs, labels, 10),
+        "brier": brier_score(probs, labels), "mean_confidence": probs.max(1).mean(),
+        "accuracy": 2 / 3})
+    assert softmax(logits, 2.0)[0, 0] == pytest.approx(1 / (1 + math.exp(-1.0)))
+    report = calibration_report(logits, labels, logits[:2], labels[:2], 2.0, "temperature", 10)
+    assert report["val"]["images"] == 3 and report["test"]["images"] == 2
+    assert report["val"]["before"] == calibration_figures(logits, labels, 1.0, 10)
+    assert report["val"]["after"] == figures
+    assert report["test"]["after"]["accuracy"] == 1.0
+    assert "fit" not in report and "test" not in calibration_report(
+        logits, labels, logits[:0], labels[:0], 2.0, "temperature", 10)
+
+
+def test_the_cross_fitted_check_fits_on_the_other_fold_and_scores_the_held_out_one():
+    logits, labels = _sample(2.5, n=400, classes=3, seed=1)
+    check = cross_fitted_check(logits, labels, bins=10, folds=2)
+    order = np.argsort(labels, kind="stable")
+    folds = [order[0::2], order[1::2]]  # interleaved over the label-sorted examples
+    expected = [fit_temperature(logits[folds[1 - f]], labels[folds[1 - f]]) for f in (0, 1)]
+    assert check["fold_temperatures"] == pytest.approx(expected)
+    calibrated = np.zeros((len(labels), 3))
+    for f in (0, 1):
+        calibrated[folds[f]] = softmax(logits[folds[f]], expected[f])
+    oof = check["out_of_fold"]
+    assert oof["nll_after"] == pytest.approx(
+        -np.log(calibrated[np.arange(len(labels)), labels]).mean())
+    assert oof["nll_before"] == pytest.approx(negative_log_likelihood(logits, labels))
+    assert oof["ece_after"] == pytest.approx(expected_calibration_error(calibrated, labels, 10))
+    # over-confident logits (labels drawn at T = 2.5): scaling helps on held-out images
+    assert oof["nll_after"] < oof["nll_before"] and check["passed"]
+    chosen = choose_temperature(logits, labels, bins=10)
+    assert chosen["applied"] and chosen["temperature"] == chosen["fitted_temperature"]
+    assert chosen["temperature"] == fit_temperature(logits, labels)
+    assert chosen["val_errors"] == int((logits.argmax(1) != labels).sum())

@@ -151,3 +151,36 @@ def test_32_bit_integer_images_beyond_16_bits_are_scaled_to_their_peak(tmp_path)
     PILImage.fromarray(small, mode="I").save(tmp_path / "i8.tif")
     assert np.asarray(load_rgb(tmp_path / "i8.tif"))[:, :, 0].tolist() == [[0, 100],
                                                                            [200, 255]]
+
+
+def test_large_jpegs_are_drafted_to_the_smallest_dct_scale_that_keeps_the_short_side(tmp_path):
+    path = make_image(tmp_path / "a.jpg", seed=0, size=(800, 600))
+    assert load_rgb(path).size == (800, 600)  # no draft asked: full size
+    # short side 600 >= 2 x 150: 1/4 keeps 150 (200 x 150); 1/8 would not
+    assert load_rgb(path, draft_short_side=150).size == (200, 150)
+    assert load_rgb(path, draft_short_side=151).size == (400, 300)  # 1/4 would give 150 < 151
+    assert load_rgb(path, draft_short_side=300).size == (400, 300)  # exactly twice: 1/2
+    assert load_rgb(path, draft_short_side=301).size == (800, 600)  # less than twice: none
+    png = make_image(tmp_path / "a.png", seed=0, size=(800, 600))
+    assert load_rgb(png, draft_short_side=150).size == (800, 600)  # only JPEG has DCT scales
+
+
+def test_a_one_pixel_image_is_an_image(tmp_path):
+    assert load_rgb(make_image(tmp_path / "dot.png", seed=0, size=(1, 1))).size == (1, 1)
+
+
+def test_the_bomb_message_gives_the_declared_pixel_count_and_the_default_is_pillows(tmp_path):
+    from pipeline.core.imageio import DEFAULT_MAX_PIXELS
+
+    assert DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+    # above the default, below twice it (where Pillow's own error comes first)
+    path = png_with_declared_size(tmp_path / "bomb.png", 12000, 10000)
+    with pytest.raises(ImageRejected, match=r"12000x10000 = 120000000 pixels exceeds "
+                                            r"max_image_pixels=89478485"):
+        load_rgb(path)
+
+
+def test_32_bit_integer_images_within_8_bits_keep_their_values(tmp_path):
+    arr = np.array([[0, 7, 200]], dtype=np.int32)
+    Image.fromarray(arr, mode="I").save(tmp_path / "i.tif")
+    assert np.asarray(load_rgb(tmp_path / "i.tif"))[0, :, 0].tolist() == [0, 7, 200]

@@ -8,6 +8,7 @@ from pipeline.core.config import (
     SECTIONS,
     ExportParams,
     FeaturesParams,
+    FinetuneParams,
     PrepareParams,
     TrainHeadParams,
     load_params,
@@ -124,6 +125,9 @@ def test_cli_invalid_yaml(tmp_path):
      "export.fp16_min_agreement must be <= 1.0 (got 1.5)"),
     (ExportParams, "export", {"opset": 17}, "export.opset must be >= 18 (got 17)"),
     (ExportParams, "export", "fast", "export must be a mapping of keys (got 'fast')"),
+    # a union holding a Literal names the type and the choices
+    (FinetuneParams, "finetune", {"blocks": "some"},
+     "finetune.blocks must be int or one of 'all' (got 'some')"),
 ])
 def test_each_kind_of_bad_value_gets_its_own_message(cls, section, data, message):
     with pytest.raises(ParamsError) as err:

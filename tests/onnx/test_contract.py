@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from pipeline.onnx.contract import (
     KEYS,
     decode_metadata,
     encode_metadata,
+    resize_policy,
 )
 
 
@@ -35,6 +37,27 @@ def test_round_trip_gives_back_every_typed_value():
     assert decode_metadata(text) == values()
 
 
+def test_false_flags_come_back_false():
+    flags = {"input_normalized_in_graph": False, "input_resized_in_graph": False}
+    text = encode_metadata(values() | flags)
+    assert [text[k] for k in flags] == ["false", "false"]
+    assert decode_metadata(text) == values() | flags
+
+
+def test_the_table_cannot_be_changed_at_run_time():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FIELDS[0].required = False
+
+
+def test_the_resize_policy_says_who_resizes():
+    outside = resize_policy(256, 224, "bicubic")
+    assert outside == ("resize the shorter side to 256 px (bicubic, antialiased), then "
+                       "centre-crop 224 x 224; RGB")
+    inside = resize_policy(256, 224, "bicubic", in_graph=True)
+    assert inside.startswith("inside the graph: ") and outside in inside
+    assert inside.endswith("give it decoded RGB uint8 pixels of any size")
+
+
 def test_encode_refuses_missing_or_unknown_keys():
     partial = values()
     del partial["temperature"]
@@ -44,7 +67,17 @@ def test_encode_refuses_missing_or_unknown_keys():
         encode_metadata(values() | {"surprise": 1})
 
 
-@pytest.mark.parametrize("key", [f.key for f in FIELDS if f.required])
+# what a reader cannot run the model without, written out here rather than read from the table
+# under test (a key dropped from the table's required set must fail this test, not vanish from it)
+REQUIRED = ("contract", "classes", "input_name", "input_layout", "input_dtype", "input_size",
+            "resize_size", "interpolation", "mean", "std", "outputs")
+
+
+def test_the_required_keys_are_the_ones_a_reader_needs():
+    assert tuple(f.key for f in FIELDS if f.required) == REQUIRED
+
+
+@pytest.mark.parametrize("key", REQUIRED)
 def test_decode_names_a_missing_required_key(key):
     text = encode_metadata(values())
     del text[key]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -59,6 +60,36 @@ def test_unknown_and_unavailable_providers_are_one_line_errors(monkeypatch):
     assert sessions.resolve_providers(["tensorrt", "cpu"]) == ["cpu"]
     with pytest.raises(PipelineError, match="openvino: no openvino here"):
         sessions.resolve_providers(["openvino"])
+
+
+def test_tensorrt_without_its_libraries_says_which_packages_bring_them(tmp_path, monkeypatch):
+    """A GPU build of onnxruntime lists the TensorRT provider whether or not TensorRT is
+    installed; the reason names the library and NVIDIA's index, and the wheel's folder is
+    searched (a stand-in shared object there is found and loaded)."""
+    import sys
+
+    import _ctypes
+    import onnxruntime as ort
+
+    listed = ort.get_available_providers() + ["TensorrtExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "tensorrt" not in p])
+    sessions.tensorrt_library.cache_clear()
+    try:
+        reason = sessions.unavailable_reason("tensorrt")
+        if sessions.tensorrt_library() is None:  # TensorRT really absent (every CI machine)
+            assert reason.startswith("libnvinfer.so.10 not found: install TensorRT 10 from")
+            assert "https://pypi.nvidia.com tensorrt-cu12-libs" in reason
+        wheel = tmp_path / "site" / "tensorrt_libs"
+        wheel.mkdir(parents=True)
+        (wheel / "__init__.py").write_text("")
+        shutil.copy(_ctypes.__file__, wheel / "libnvinfer.so.10")
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+        sessions.tensorrt_library.cache_clear()
+        assert sessions.tensorrt_library() == str(wheel / "libnvinfer.so.10")
+        assert sessions.unavailable_reason("tensorrt") is None
+    finally:
+        sessions.tensorrt_library.cache_clear()
 
 
 @pytest.mark.skipif(OPENVINO is not None, reason=f"OpenVINO unavailable: {OPENVINO}")

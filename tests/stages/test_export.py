@@ -117,6 +117,7 @@ def test_the_raw_model_takes_any_size_and_agrees_with_training_preprocessing(exp
         assert np.abs(got - want).max() < 1e-5, (h, w)
     check = report["preprocessing"]
     assert check["odd_size_top1_agreement"] == 1.0 and check["odd_size_images"] == 8 * 6
+    assert 0.0 <= check["odd_size_max_abs_diff_probabilities"] < 1e-3
     assert check["test_images_max_levels_vs_pillow"] <= 2
     assert report["variants"]["fp32"]["input"].startswith("raw")
 
@@ -217,6 +218,12 @@ def test_calibration_none_exports_the_raw_softmax(exported, tmp_path):
               tmp_path / "m.onnx", tmp_path / "v", tmp_path / "e.json")
     assert raw["calibration"]["temperature"] == 1.0 and raw["variants"]["fp32"]["passed"]
     assert raw["calibration"]["test"]["before"] == raw["calibration"]["test"]["after"]
+    # this export (not the cached fixture's) compared the logits and checked the in-graph
+    # resize on 8 images x 6 odd sizes against PyTorch
+    assert 0.0 <= raw["variants"]["fp32"]["max_abs_diff_logits"] <= params.tolerance
+    check = raw["preprocessing"]
+    assert check["odd_size_images"] == 8 * 6 and check["odd_size_top1_agreement"] == 1.0
+    assert 0.0 <= check["odd_size_max_abs_diff_probabilities"] < 1e-3
     paths, _ = _test_images(root)
     img = Image.open(paths[0]).convert("RGB")
     raw_model, calibrated = OnnxClassifier(tmp_path / "m.onnx"), \
@@ -268,6 +275,8 @@ def test_float_input_variant_with_logits(exported, tmp_path):
                  tmp_path / "m.onnx", tmp_path / "v", tmp_path / "e.json")
     assert report["variants"]["fp32"]["passed"] and report["outputs"] == ["probabilities",
                                                                           "logits"]
+    # the logits were compared too
+    assert 0.0 <= report["variants"]["fp32"]["max_abs_diff_logits"] <= params.tolerance
     runner = OnnxClassifier(tmp_path / "m.onnx")
     assert runner.contract.layout == "NCHW"
     paths, _ = _test_images(root)
@@ -638,6 +647,27 @@ def test_each_export_gate_fails_on_its_own(variant, row, message):
     passing = {"max_abs_diff_probabilities": 0.0, "max_abs_diff_logits": 0.0,
                "top1_agreement": 1.0, "test_accuracy": 0.90}
     assert _check(variant, passing, report, ExportParams()) == []
+
+
+def test_each_export_gate_passes_at_its_limit():
+    """The limits are inclusive, and a drop that equals the INT8 limit up to float rounding
+    (0.90 - 0.89 is 0.010000000000000009) passes."""
+    from pipeline.stages.export import _check
+
+    limits = ExportParams()
+    report = {"variants": {"fp32": {"test_accuracy": 0.90}}}
+    at_limit = {"max_abs_diff_probabilities": limits.tolerance,
+                "max_abs_diff_logits": limits.tolerance, "top1_agreement": 1.0}
+    assert _check("fp32", dict(at_limit), report, limits) == []
+    assert _check("fp16", {"top1_agreement": limits.fp16_min_agreement}, report, limits) == []
+    assert _check("fp16", {"top1_agreement": limits.fp16_min_agreement - 1e-9}, report, limits)
+    row = {"test_accuracy": 0.89}
+    assert _check("int8", row, report, limits) == [] and row["passed"]
+    assert row["accuracy_drop_vs_fp32"] == pytest.approx(0.01)
+    assert _check("int8", {"test_accuracy": 0.8899}, report, limits)
+    far = {"test_accuracy": 0.30}
+    assert _check("int8", far, report, limits) and far["accuracy_drop_vs_fp32"] == \
+        pytest.approx(0.60)
 
 
 def test_the_runner_refuses_absolute_external_data_and_a_wrong_output_width(exported, tmp_path):

@@ -229,8 +229,72 @@ def test_ordered_map_keeps_order_and_bounds_what_it_reads_ahead(workers):
 
     results = ordered_map(abs_negated, items(), workers, window=4)
     first = next(results)
-    assert first == 0 and len(consumed) <= 4
+    # in this process: one item at a time; in workers: a full window is read ahead
+    assert first == 0 and len(consumed) == (1 if workers == 0 else 4)
     assert [first] + list(results) == [-i for i in range(50)]
+
+
+def test_ordered_map_with_one_worker_runs_in_this_process():
+    import os
+
+    from pipeline.stages.prepare import ordered_map
+
+    assert set(ordered_map(pid_of, [(i,) for i in range(3)], 1)) == {os.getpid()}
+    assert set(ordered_map(pid_of, [(i,) for i in range(3)], 2)) != {os.getpid()}
+
+
+def test_ordered_map_default_window_is_64():
+    from pipeline.stages.prepare import ordered_map
+
+    consumed = []
+
+    def items():
+        for i in range(100):
+            consumed.append(i)
+            yield (i,)
+
+    results = ordered_map(abs_negated, items(), 2)
+    next(results)
+    assert len(consumed) == 64
+    assert len(list(results)) == 99
+
+
+def test_split_class_gives_each_split_at_least_one_item():
+    import random
+
+    from pipeline.stages.prepare import split_class
+
+    parts = split_class(list(range(10)), 0.1, 0.04, random.Random(0))
+    assert [len(parts[k]) for k in ("test", "val", "train")] == [1, 1, 8]
+    parts = split_class(list(range(10)), 0.2, 0.3, random.Random(0))
+    assert [len(parts[k]) for k in ("test", "val", "train")] == [3, 2, 5]
+    assert sorted(parts["test"] + parts["val"] + parts["train"]) == list(range(10))
+
+
+def test_csv_extra_columns_are_allowed_and_errors_give_the_file_line(image_folder, tmp_path):
+    from pipeline.stages.prepare import scan_csv
+
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label,note\nimages/cat/0.png,cat,ok\nimages/cat/1.png,,x\n")
+    with pytest.raises(PipelineError, match=r"list.csv:3: empty path or label"):
+        scan_csv(manifest)
+    manifest.write_text("path,label,note\nimages/cat/0.png,cat,ok\n")
+    (candidate,) = scan_csv(manifest)
+    assert (candidate.rel, candidate.label) == ("images/cat/0.png", "cat")
+
+
+def test_the_rejection_hint_names_the_first_rejected_file():
+    from pipeline.stages.prepare import _rejected_hint
+
+    assert _rejected_hint([]) == "no files rejected"
+    assert _rejected_hint([("a.png", "cat", "file not found"), ("b.png", "dog", "empty")]) == \
+        "2 files rejected, e.g. a.png: file not found"
+
+
+def pid_of(i):
+    import os
+
+    return os.getpid()
 
 
 def abs_negated(i):
