@@ -76,7 +76,16 @@ def test_a_sigkilled_writer_leaves_the_old_file_and_its_temp_is_cleaned_next_tim
     assert [p.name.split(".")[3] for p in stale] == [str(child.pid)]
     assert stale[0].read_bytes() == b"half"
     # the dead writer's temporary goes at the next write; a live process's temporary stays
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # every signal back to its default action (a parent started under nohup passes SIGHUP on
+    # ignored), so a probe that sends a real signal ends the sleeper and fails the test
+    sleeper = subprocess.Popen([sys.executable, "-c", (
+        "import signal, time\n"
+        "for s in signal.valid_signals():\n"
+        "    try: signal.signal(s, signal.SIG_DFL)\n"
+        "    except (OSError, ValueError): pass\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert sleeper.stdout.readline() == "ready\n"
     live = tmp_path / f".model.bin.{sleeper.pid}.keep.tmp"
     live.write_bytes(b"busy")
     other = tmp_path / ".model.bin.notapid.tmp"

@@ -34,7 +34,8 @@ def metadata(**changes) -> dict[str, str]:
 
 
 def channel_mean_model(path: Path, inputs: int = 1, width: int = 3,
-                       classes: list[str] | None = None) -> Path:
+                       classes: list[str] | None = None, any_size: bool = False,
+                       **meta_changes) -> Path:
     """probabilities = softmax(mean colour / 8) over ``width`` classes: a red image is "red"."""
     nodes = [helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
              helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[1, 2], keepdims=0),
@@ -47,8 +48,9 @@ def channel_mean_model(path: Path, inputs: int = 1, width: int = 3,
         nodes += [helper.make_node("Div", ["logits3", "two"], ["half"]),
                   helper.make_node("Concat", ["logits3", "half"], ["logits"], axis=1)]
     nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
-    graph_inputs = [helper.make_tensor_value_info("image", TensorProto.UINT8,
-                                                  ["N", SIZE, SIZE, 3])]
+    # any_size: takes raw pixels of any height and width, as a model that resizes in its graph
+    hw = ["H", "W"] if any_size else [SIZE, SIZE]
+    graph_inputs = [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", *hw, 3])]
     graph_inputs += [helper.make_tensor_value_info(f"extra{i}", TensorProto.FLOAT, [1])
                      for i in range(inputs - 1)]
     initializers = [helper.make_tensor("eight", TensorProto.FLOAT, [], [8.0]),
@@ -65,7 +67,8 @@ def channel_mean_model(path: Path, inputs: int = 1, width: int = 3,
     graph = helper.make_graph(nodes, "channel_mean", graph_inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    helper.set_model_props(model, metadata(classes=classes or CLASSES))
+    helper.set_model_props(model, metadata(classes=classes or CLASSES,
+                                           input_resized_in_graph=any_size) | meta_changes)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
@@ -177,3 +180,30 @@ def test_whether_a_file_resizes_in_its_graph_is_read_without_a_session(tmp_path)
     assert _resizes_in_graph(fixed) is True  # the sidecar is read first
     (tmp_path / "m.onnx.json").write_text("{broken")
     assert _resizes_in_graph(fixed) is True  # unknown counts as yes
+
+
+def test_images_of_another_size_start_a_new_batch(tmp_path):
+    model = OnnxClassifier(channel_mean_model(tmp_path / "m.onnx", any_size=True))
+    assert model.contract.resized_in_graph
+    model.session = RecordingSession(model.session)
+    sizes = [(20, 12), (20, 12), (10, 6), (30, 40), (30, 40)]
+    files = [colour_image(tmp_path / f"{i}.png", i % 3, size) for i, size in enumerate(sizes)]
+    results = list(model.predict_files(files, top_k=1))
+    assert model.session.batches == [2, 1, 2]
+    assert [r.top[0][0] for r in results] == [CLASSES[i % 3] for i in range(5)]
+
+
+def test_a_broken_sidecar_or_malformed_metadata_is_a_one_line_refusal(tmp_path):
+    bare = channel_mean_model(tmp_path / "bare.onnx")
+    model = onnx.load(str(bare))
+    del model.metadata_props[:]
+    onnx.save(model, str(bare))
+    (tmp_path / "bare.onnx.json").write_text("{broken")
+    with pytest.raises(ModelError, match="bare.onnx.json: not a readable contract"):
+        OnnxClassifier(bare)
+    bad_mean = channel_mean_model(tmp_path / "mean.onnx", mean="5")  # tuple(5): TypeError
+    with pytest.raises(ModelError, match="incomplete or invalid pipeline metadata"):
+        OnnxClassifier(bad_mean)
+    bad_size = channel_mean_model(tmp_path / "size.onnx", input_size="big")  # ValueError
+    with pytest.raises(ModelError, match="incomplete or invalid pipeline metadata"):
+        OnnxClassifier(bad_size)
