@@ -207,3 +207,22 @@ def test_a_broken_sidecar_or_malformed_metadata_is_a_one_line_refusal(tmp_path):
     bad_size = channel_mean_model(tmp_path / "size.onnx", input_size="big")  # ValueError
     with pytest.raises(ModelError, match="incomplete or invalid pipeline metadata"):
         OnnxClassifier(bad_size)
+
+
+def test_the_width_checked_is_that_of_the_probabilities_output(tmp_path):
+    """A file may carry other outputs, listed first and wider: only ``probabilities`` must
+    have one column per class."""
+    path = channel_mean_model(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    graph = model.graph
+    graph.node.extend([helper.make_node("Concat", ["logits", "logits"], ["extra"], axis=1)])
+    extra = helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N", 6])
+    outputs = [extra] + list(graph.output)
+    del graph.output[:]
+    graph.output.extend(outputs)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    runner = OnnxClassifier(path)
+    assert [o.name for o in runner.session.get_outputs()][0] == "extra"
+    (top,) = runner.predict_images([Image.open(colour_image(tmp_path / "g.png", 1))], top_k=1)
+    assert top[0][0] == "green"
