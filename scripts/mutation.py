@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -52,6 +53,15 @@ class Module:
     tests: tuple[str, ...]             # the tests that may kill its mutants, the fastest first
     timeout_s: float                   # per mutant; a run past it counts as killed (cosmic-ray)
     definitions: tuple[str, ...] = ()  # functions in scope; empty: the whole module
+
+    @property
+    def stem(self) -> str:
+        """The name of its files in the sessions folder."""
+        return self.path.replace("/", "_").removesuffix(".py")
+
+    def test_command(self) -> list[str]:
+        return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                *self.tests]
 
 
 MODULES: tuple[Module, ...] = (
@@ -140,24 +150,23 @@ def sample(session: Path, module: Module, per_module: int, source: str) -> tuple
 
 def run_module(module: Module, lane: Path, sessions: Path, fixtures: Path, per_module: int,
                rerun_survivors: bool) -> dict:
-    stem = module.path.replace("/", "_").removesuffix(".py")
+    stem = module.stem
     config, session = sessions / f"{stem}.toml", sessions / f"{stem}.sqlite"
     source = (lane / module.path).read_text(encoding="utf-8")
     source_sha = hashlib.sha256(source.encode()).hexdigest()
     stamp = sessions / f"{stem}.source-sha256"
-    tests = " ".join(module.tests)
     config.write_text(
         "[cosmic-ray]\n"
         f'module-path = "{module.path}"\n'
         f"timeout = {module.timeout_s}\n"
         "excluded-modules = []\n"
-        f'test-command = "{sys.executable} -m pytest -x -q -p no:cacheprovider {tests}"\n'
+        f'test-command = "{shlex.join(module.test_command())}"\n'
         "[cosmic-ray.distributor]\n"
         'name = "local"\n', encoding="utf-8")
     env = lane_env(lane, fixtures)
     # the tests must pass on unmutated code, or every mutant would count as killed
-    baseline = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                               *module.tests], cwd=lane, env=env, capture_output=True, text=True)
+    baseline = subprocess.run(module.test_command(), cwd=lane, env=env, capture_output=True,
+                              text=True)
     if baseline.returncode != 0:
         raise SystemExit(f"{module.name}: its tests fail on unmutated code; fix them first:\n"
                          + baseline.stdout[-3000:])
@@ -260,7 +269,7 @@ def main() -> None:
                 module = queue.pop(0)
             result = run_module(module, lane, sessions, fixtures, args.sample,
                                 args.rerun_survivors) | {"head": head}
-            stem = module.path.replace("/", "_").removesuffix(".py")
+            stem = module.stem
             history = sessions / f"{stem}.runs.json"
             runs = json.loads(history.read_text()) if history.is_file() else []
             runs = ([] if not args.rerun_survivors else runs) + [
@@ -285,7 +294,7 @@ def write_report(sessions: Path, out: Path, per_module: int) -> None:
     """The score per module from every kept session (this run's and earlier ones)."""
     ordered = []
     for module in MODULES:
-        stem = module.path.replace("/", "_").removesuffix(".py")
+        stem = module.stem
         if (sessions / f"{stem}.result.json").is_file():
             result = json.loads((sessions / f"{stem}.result.json").read_text())
             result["runs"] = json.loads((sessions / f"{stem}.runs.json").read_text())
