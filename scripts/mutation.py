@@ -258,7 +258,6 @@ def main() -> None:
                     "tests/stages/test_export.py", "-k", "checks_pass"], cwd=lanes[0],
                    env=lane_env(lanes[0], fixtures), check=True, stdout=subprocess.DEVNULL)
     queue = sorted(modules, key=lambda m: -m.timeout_s)  # the slowest first: lanes end together
-    results: dict[str, dict] = {}
     lock = threading.Lock()
 
     def worker(lane: Path) -> None:
@@ -277,7 +276,6 @@ def main() -> None:
             (sessions / f"{stem}.result.json").write_text(json.dumps(result, indent=1))
             history.write_text(json.dumps(runs, indent=1))
             with lock:
-                results[module.name] = result
                 print(f"{module.name}: {result['killed']}/{result['ran']} killed "
                       f"({result['seconds']:.0f} s)", flush=True)
 

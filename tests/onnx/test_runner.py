@@ -12,25 +12,20 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from pipeline.core.runtime import resolve_threads
-from pipeline.onnx.contract import CONTRACT, encode_metadata
+from pipeline.onnx.contract import encode_metadata
 from pipeline.onnx.runner import ModelError, OnnxClassifier, _resizes_in_graph
+
+from .test_contract import values
 
 CLASSES = ["red", "green", "blue"]
 SIZE = 8
 
 
 def metadata(**changes) -> dict[str, str]:
-    values = {
-        "contract": CONTRACT, "classes": CLASSES, "input_name": "image", "input_layout": "NHWC",
-        "input_dtype": "uint8", "input_size": SIZE, "input_normalized_in_graph": True,
-        "input_resized_in_graph": False, "resize_size": SIZE, "interpolation": "bicubic",
-        "crop": "center", "resize_policy": "words", "scale": "1/255", "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5), "outputs": ["probabilities", "logits"],
-        "probability_calibration": "none", "temperature": 1.0, "backbone": "hand-built",
-        "backbone_weights": "none", "pipeline_version": "0", "training_metrics": {},
-        "training_manifest_sha256": "", "finetune": {},
-    }
-    return encode_metadata(values | changes)
+    """The contract test's full set of values, for this 3-colour, 8-pixel model."""
+    return encode_metadata(values() | {
+        "classes": CLASSES, "input_size": SIZE, "resize_size": SIZE,
+        "input_resized_in_graph": False, "outputs": ["probabilities", "logits"], "backbone": "hand-built"} | changes)
 
 
 def channel_mean_model(path: Path, inputs: int = 1, width: int = 3,
