@@ -16,22 +16,36 @@ import click
 from . import DISTRIBUTION, __version__
 from .core.errors import PipelineError
 from .core.paths import PATHS
+from .core.stage_table import STAGE
 
-PARAMS_OPTION = click.option("--params", "params_path", default=str(PATHS.params), show_default=True,
-                             type=click.Path(dir_okay=False),
-                             help="params file whose sections configure the stage")
+def _path_option(flag: str, dest: str | None, fallback: Path, help: str,
+                 **path_kwargs: Any) -> Callable[[str | None], Any]:
+    """A path option shared by several commands: a stage's default comes from the stage
+    table (what dvc.yaml passes), a tool's from ``PATHS``."""
+    def option(stage: str | None = None) -> Any:
+        default = STAGE[stage].default(flag) if stage else str(fallback)
+        return click.option(flag, *([dest] if dest else []), default=default, show_default=True,
+                            type=click.Path(**path_kwargs), help=help)
 
-PREPARED_OPTION = click.option("--prepared", default=str(PATHS.prepared), show_default=True,
-                               type=click.Path(), help="output folder of `pipeline prepare`")
-CUT_CACHE_OPTION = click.option("--cut-cache", "cut_cache_dir", default=str(PATHS.cut_cache),
-                                show_default=True, type=click.Path(),
-                                help="folder written by `pipeline cut-cache`")
-HEAD_OPTION = click.option("--head", "head_model", default=str(PATHS.head),
-                           show_default=True, type=click.Path(dir_okay=False),
-                           help="head weights from `pipeline train-head`")
-HEAD_CONFIG_OPTION = click.option("--head-config", default=str(PATHS.head_config),
-                                  show_default=True, type=click.Path(dir_okay=False),
-                                  help="head config from `pipeline train-head`")
+    return option
+
+
+def stage_path(stage: str, flag: str, *decls: str, **kwargs: Any) -> Any:
+    """A stage command's path option whose default is what dvc.yaml passes (the stage table)."""
+    return click.option(flag, *decls, default=STAGE[stage].default(flag), show_default=True,
+                        **kwargs)
+
+
+params_option = _path_option("--params", "params_path", PATHS.params,
+                             "params file whose sections configure the stage", dir_okay=False)
+prepared_option = _path_option("--prepared", None, PATHS.prepared,
+                               "output folder of `pipeline prepare`")
+cut_cache_option = _path_option("--cut-cache", "cut_cache_dir", PATHS.cut_cache,
+                                "folder written by `pipeline cut-cache`")
+head_option = _path_option("--head", "head_model", PATHS.head,
+                           "head weights from `pipeline train-head`", dir_okay=False)
+head_config_option = _path_option("--head-config", None, PATHS.head_config,
+                                  "head config from `pipeline train-head`", dir_okay=False)
 
 
 def is_main_process() -> bool:
@@ -63,14 +77,14 @@ def main() -> None:
 
     Stages (chained by dvc.yaml, run them all with `dvc repro`):
     prepare -> features -> train-head -> cut-cache -> finetune -> export -> interpret,
-    bench -> card.
+    machine -> bench -> card.
     """
 
 
 @main.command()
-@PARAMS_OPTION
-@click.option("--out", default=str(PATHS.prepared), show_default=True, type=click.Path(),
-              help="output folder: manifest.csv, classes.json, rejected.csv, summary.json")
+@params_option("prepare")
+@stage_path("prepare", "--out", type=click.Path(),
+            help="output folder: manifest.csv, classes.json, rejected.csv, summary.json")
 @friendly_errors
 def prepare(params_path: str, out: str) -> None:
     """Scan, validate and split the images (params: prepare.*)."""
@@ -89,14 +103,13 @@ def prepare(params_path: str, out: str) -> None:
 
 
 @main.command()
-@PARAMS_OPTION
-@PREPARED_OPTION
-@click.option("--out", default=str(PATHS.features), show_default=True, type=click.Path(),
-              help="feature cache folder to write")
-@click.option("--metrics", default=str(PATHS.metrics_file("features")), show_default=True,
-              type=click.Path(dir_okay=False), help="headline figure: backbone img/s (JSON)")
-@click.option("--report", default=str(PATHS.report_file("features")), show_default=True,
-              type=click.Path(dir_okay=False), help="timings of this run (JSON)")
+@params_option("features")
+@prepared_option("features")
+@stage_path("features", "--out", type=click.Path(), help="feature cache folder to write")
+@stage_path("features", "--metrics", type=click.Path(dir_okay=False),
+            help="headline figure: backbone img/s (JSON)")
+@stage_path("features", "--report", type=click.Path(dir_okay=False),
+            help="timings of this run (JSON)")
 @friendly_errors
 def features(params_path: str, prepared: str, out: str, metrics: str, report: str) -> None:
     """Run the frozen backbone once and cache features (params: backbone.*, features.*)."""
@@ -108,8 +121,7 @@ def features(params_path: str, prepared: str, out: str, metrics: str, report: st
     backbone = sections["backbone"]
     params = sections["features"]
     launcher = sections["launcher"]
-    code = relaunch(launcher, ["features", "--params", params_path, "--prepared", prepared,
-                               "--out", out, "--metrics", metrics, "--report", report])
+    code = relaunch(launcher)  # the same command under torchrun
     if code is not None:
         raise SystemExit(code)
     result = run(backbone, params, prepared, out, report, backend=launcher.backend,
@@ -121,19 +133,19 @@ def features(params_path: str, prepared: str, out: str, metrics: str, report: st
 
 
 @main.command("train-head")
-@PARAMS_OPTION
-@click.option("--features", "features_dir", default=str(PATHS.features), show_default=True,
-              type=click.Path(), help="feature cache written by `pipeline features`")
-@click.option("--model", default=str(PATHS.head), show_default=True,
-              type=click.Path(dir_okay=False), help="head weights to write (safetensors)")
-@click.option("--config", default=str(PATHS.head_config), show_default=True,
-              type=click.Path(dir_okay=False), help="head config to write (JSON)")
-@click.option("--metrics", default=str(PATHS.metrics_file("head")), show_default=True,
-              type=click.Path(dir_okay=False), help="headline val/test figures (JSON)")
-@click.option("--report", default=str(PATHS.report_file("head")), show_default=True,
-              type=click.Path(dir_okay=False), help="val/test figures with per-class scores (JSON)")
-@click.option("--plots", default=str(PATHS.plots_dir("head")), show_default=True, type=click.Path(),
-              help="folder for training.csv and confusion.csv")
+@params_option("train_head")
+@stage_path("train_head", "--features", "features_dir", type=click.Path(),
+            help="feature cache written by `pipeline features`")
+@stage_path("train_head", "--model", type=click.Path(dir_okay=False),
+            help="head weights to write (safetensors)")
+@stage_path("train_head", "--config", type=click.Path(dir_okay=False),
+            help="head config to write (JSON)")
+@stage_path("train_head", "--metrics", type=click.Path(dir_okay=False),
+            help="headline val/test figures (JSON)")
+@stage_path("train_head", "--report", type=click.Path(dir_okay=False),
+            help="val/test figures with per-class scores (JSON)")
+@stage_path("train_head", "--plots", type=click.Path(),
+            help="folder for training.csv and confusion.csv")
 @friendly_errors
 def train_head(params_path: str, features_dir: str, model: str, config: str, metrics: str,
                report: str, plots: str) -> None:
@@ -147,10 +159,9 @@ def train_head(params_path: str, features_dir: str, model: str, config: str, met
 
 
 @main.command("cut-cache")
-@PARAMS_OPTION
-@PREPARED_OPTION
-@click.option("--out", default=str(PATHS.cut_cache), show_default=True, type=click.Path(),
-              help="cut cache folder to write")
+@params_option("cut_cache")
+@prepared_option("cut_cache")
+@stage_path("cut_cache", "--out", type=click.Path(), help="cut cache folder to write")
 @friendly_errors
 def cut_cache(params_path: str, prepared: str, out: str) -> None:
     """Cache the frozen prefix's activations at the fine-tuning cut (params: finetune.*)."""
@@ -170,22 +181,22 @@ def cut_cache(params_path: str, prepared: str, out: str) -> None:
 
 
 @main.command()
-@PARAMS_OPTION
-@PREPARED_OPTION
-@CUT_CACHE_OPTION
-@HEAD_OPTION
-@HEAD_CONFIG_OPTION
-@click.option("--model", default=str(PATHS.model), show_default=True,
-              type=click.Path(dir_okay=False), help="backbone + head weights to write")
-@click.option("--config", default=str(PATHS.model_config), show_default=True,
-              type=click.Path(dir_okay=False), help="model config to write (JSON)")
-@click.option("--metrics", default=str(PATHS.metrics_file("finetune")), show_default=True,
-              type=click.Path(dir_okay=False), help="headline figures that DVC compares (JSON)")
-@click.option("--report", default=str(PATHS.report_file("finetune")), show_default=True,
-              type=click.Path(dir_okay=False), help="val/test figures with per-class scores (JSON)")
-@click.option("--timing", default=str(PATHS.finetune_timing), show_default=True,
-              type=click.Path(dir_okay=False), help="seconds per epoch (varies between runs)")
-@click.option("--plots", default=str(PATHS.plots_dir("finetune")), show_default=True, type=click.Path())
+@params_option("finetune")
+@prepared_option("finetune")
+@cut_cache_option("finetune")
+@head_option("finetune")
+@head_config_option("finetune")
+@stage_path("finetune", "--model", type=click.Path(dir_okay=False),
+            help="backbone + head weights to write")
+@stage_path("finetune", "--config", type=click.Path(dir_okay=False),
+            help="model config to write (JSON)")
+@stage_path("finetune", "--metrics", type=click.Path(dir_okay=False),
+            help="headline figures that DVC compares (JSON)")
+@stage_path("finetune", "--report", type=click.Path(dir_okay=False),
+            help="val/test figures with per-class scores (JSON)")
+@stage_path("finetune", "--timing", type=click.Path(dir_okay=False),
+            help="seconds per epoch (varies between runs)")
+@stage_path("finetune", "--plots", type=click.Path())
 @friendly_errors
 def finetune(params_path: str, prepared: str, cut_cache_dir: str, head_model: str,
              head_config: str, model: str, config: str, metrics: str, report: str, timing: str,
@@ -199,11 +210,7 @@ def finetune(params_path: str, prepared: str, cut_cache_dir: str, head_model: st
     backbone = sections["backbone"]
     params = sections["finetune"]
     launcher = sections["launcher"]
-    code = relaunch(launcher, [
-        "finetune", "--params", params_path, "--prepared", prepared, "--cut-cache",
-        cut_cache_dir, "--head", head_model, "--head-config", head_config, "--model", model,
-        "--config", config, "--metrics", metrics, "--report", report, "--timing", timing,
-        "--plots", plots])
+    code = relaunch(launcher)  # the same command under torchrun
     if code is not None:
         raise SystemExit(code)
     run(backbone, params, prepared, cut_cache_dir, head_model, head_config, model, config,
@@ -211,28 +218,26 @@ def finetune(params_path: str, prepared: str, cut_cache_dir: str, head_model: st
 
 
 @main.command()
-@PARAMS_OPTION
-@click.option("--model", default=str(PATHS.model), show_default=True,
-              type=click.Path(dir_okay=False), help="weights from `pipeline finetune`")
-@click.option("--config", default=str(PATHS.model_config), show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--prepared", default=str(PATHS.prepared), show_default=True, type=click.Path(),
-              help="test images for the checks, training images for INT8 calibration")
-@click.option("--out", default=str(PATHS.onnx), show_default=True,
-              type=click.Path(dir_okay=False), help="the FP32 ONNX model to write")
-@click.option("--variants-dir", default=str(PATHS.variants), show_default=True,
-              type=click.Path(file_okay=False), help="folder for the FP16/INT8 variants")
-@click.option("--metrics", default=str(PATHS.metrics_file("export")), show_default=True,
-              type=click.Path(dir_okay=False), help="headline figures that DVC compares (JSON)")
-@click.option("--report", default=str(PATHS.report_file("export")), show_default=True,
-              type=click.Path(dir_okay=False), help="every check, variant and calibration figure (JSON)")
-@click.option("--plots", default=str(PATHS.plots_dir("calibration")), show_default=True,
-              type=click.Path(file_okay=False),
-              help="reliability tables (test split) before and after calibration")
+@params_option("export")
+@stage_path("export", "--model", type=click.Path(dir_okay=False),
+            help="weights from `pipeline finetune`")
+@stage_path("export", "--config", type=click.Path(dir_okay=False))
+@stage_path("export", "--prepared", type=click.Path(),
+            help="test images for the checks, training images for INT8 calibration")
+@stage_path("export", "--out", type=click.Path(dir_okay=False),
+            help="the FP32 ONNX model to write")
+@stage_path("export", "--variants-dir", type=click.Path(file_okay=False),
+            help="folder for the FP16/INT8 variants")
+@stage_path("export", "--metrics", type=click.Path(dir_okay=False),
+            help="headline figures that DVC compares (JSON)")
+@stage_path("export", "--report", type=click.Path(dir_okay=False),
+            help="every check, variant and calibration figure (JSON)")
+@stage_path("export", "--plots", type=click.Path(file_okay=False),
+            help="reliability tables (test split) before and after calibration")
 @friendly_errors
 def export(params_path: str, model: str, config: str, prepared: str, out: str,
            variants_dir: str, metrics: str, report: str, plots: str) -> None:
-    """Export one self-describing ONNX file (+ FP16/INT8 variants) and check it (params: export.*)."""
+    """Export one self-describing ONNX file (+ FP16/INT8 variants), checked (params: export.*)."""
     from .core.config import load_params
     from .stages.export import run
 
@@ -242,16 +247,16 @@ def export(params_path: str, model: str, config: str, prepared: str, out: str,
 
 
 @main.command()
-@PARAMS_OPTION
-@click.option("--model", default=str(PATHS.onnx), show_default=True,
-              type=click.Path(dir_okay=False), help="ONNX model written by `pipeline export`")
-@PREPARED_OPTION
-@click.option("--out", default=str(PATHS.interpret), show_default=True,
-              type=click.Path(file_okay=False), help="folder for the loss tables and sheets")
-@click.option("--metrics", default=str(PATHS.metrics_file("interpret")), show_default=True,
-              type=click.Path(dir_okay=False), help="headline figures that DVC compares (JSON)")
-@click.option("--report", default=str(PATHS.report_file("interpret")), show_default=True,
-              type=click.Path(dir_okay=False), help="per-split accuracy, errors and most confused pairs (JSON)")
+@params_option("interpret")
+@stage_path("interpret", "--model", type=click.Path(dir_okay=False),
+            help="ONNX model written by `pipeline export`")
+@prepared_option("interpret")
+@stage_path("interpret", "--out", type=click.Path(file_okay=False),
+            help="folder for the loss tables and sheets")
+@stage_path("interpret", "--metrics", type=click.Path(dir_okay=False),
+            help="headline figures that DVC compares (JSON)")
+@stage_path("interpret", "--report", type=click.Path(dir_okay=False),
+            help="per-split accuracy, errors and most confused pairs (JSON)")
 @friendly_errors
 def interpret(params_path: str, model: str, prepared: str, out: str, metrics: str,
               report: str) -> None:
@@ -299,8 +304,8 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
         click.echo(f"providers auto: {classifier.requested[0]} ({classifier.chosen_why})",
                    err=True)
     if not as_json:
-        meta = classifier.contract.metadata
-        calibrated = (f"probabilities calibrated, temperature {float(meta['temperature']):.3g}"
+        meta = classifier.contract.values
+        calibrated = (f"probabilities calibrated, temperature {meta['temperature']:.3g}"
                       if meta.get("probability_calibration") == "temperature"
                       else "probabilities not calibrated")
         click.echo(f"model {model} on {classifier.provider} "
@@ -328,25 +333,36 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
 
 
 @main.command()
-@PARAMS_OPTION
-@click.option("--model", default=str(PATHS.onnx), show_default=True,
-              type=click.Path(dir_okay=False), help="FP32 ONNX model from `pipeline export`")
-@click.option("--variants-dir", default=str(PATHS.variants), show_default=True,
-              type=click.Path(file_okay=False), help="folder with model.fp16/int8.onnx")
-@click.option("--weights", default=str(PATHS.model), show_default=True,
-              type=click.Path(dir_okay=False), help="PyTorch weights for the eager baseline")
-@click.option("--config", default=str(PATHS.model_config), show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--prepared", default=str(PATHS.prepared), show_default=True, type=click.Path(),
-              help="test split for the accuracy column")
-@click.option("--out", default=str(PATHS.reports), show_default=True, type=click.Path(file_okay=False),
-              help="folder for bench.json, bench.md and bench.png")
-@click.option("--metrics", default=str(PATHS.metrics_file("bench")), show_default=True,
-              type=click.Path(dir_okay=False), help="headline figure: best img/s (JSON)")
+@stage_path("machine", "--out", type=click.Path(dir_okay=False),
+            help="fingerprint of this machine (JSON), a dependency of bench")
+@friendly_errors
+def machine(out: str) -> None:
+    """Fingerprint this machine (CPU, flags, GPUs, engine versions) so bench re-runs elsewhere."""
+    from .stages.machine import run
+
+    fingerprint = run(out)
+    click.echo(f"machine: {fingerprint['cpu']}, {fingerprint['available_cpus']} CPUs, GPUs "
+               f"{fingerprint['gpus'] or 'none'} (id {fingerprint['id']}) -> {out}")
+
+
+@main.command()
+@params_option("bench")
+@stage_path("bench", "--model", type=click.Path(dir_okay=False),
+            help="FP32 ONNX model from `pipeline export`")
+@stage_path("bench", "--variants-dir", type=click.Path(file_okay=False),
+            help="folder with model.fp16/int8.onnx")
+@stage_path("bench", "--weights", type=click.Path(dir_okay=False),
+            help="PyTorch weights for the eager baseline")
+@stage_path("bench", "--config", type=click.Path(dir_okay=False))
+@stage_path("bench", "--prepared", type=click.Path(), help="test split for the accuracy column")
+@stage_path("bench", "--out", type=click.Path(file_okay=False),
+            help="folder for bench.json, bench.md and bench.png")
+@stage_path("bench", "--metrics", type=click.Path(dir_okay=False),
+            help="headline figure: best img/s (JSON)")
 @friendly_errors
 def bench(params_path: str, model: str, variants_dir: str, weights: str, config: str,
           prepared: str, out: str, metrics: str) -> None:
-    """onnxruntime CPU/CUDA/TensorRT vs PyTorch eager: latency, throughput, accuracy, memory."""
+    """onnxruntime CPU/OpenVINO/CUDA/TensorRT vs PyTorch eager: speed, accuracy, memory."""
     from .core.config import load_params
     from .stages.bench import run
 
@@ -356,8 +372,8 @@ def bench(params_path: str, model: str, variants_dir: str, weights: str, config:
 
 
 @main.command("bench-features")
-@PARAMS_OPTION
-@PREPARED_OPTION
+@params_option()
+@prepared_option()
 @click.option("--images", default=128, show_default=True, type=click.IntRange(1),
               help="number of prepared images to time")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
@@ -387,8 +403,8 @@ def bench_features(params_path: str, prepared: str, images: int, batch_size: int
 
 
 @main.command("bench-finetune")
-@PARAMS_OPTION
-@PREPARED_OPTION
+@params_option()
+@prepared_option()
 @click.option("--images", default=256, show_default=True, type=click.IntRange(1),
               help="training images to time (the first of the train split)")
 @click.option("--val-images", default=10**9, type=click.IntRange(0),
@@ -427,12 +443,12 @@ def _csv_list(kind: type) -> Callable[[Any, Any, str], list[Any]]:
 
 
 @main.command()
-@PARAMS_OPTION
-@PREPARED_OPTION
+@params_option()
+@prepared_option()
 @click.option("--features", "features_dir", default=str(PATHS.features), show_default=True,
               type=click.Path())
-@HEAD_OPTION
-@HEAD_CONFIG_OPTION
+@head_option()
+@head_config_option()
 @click.option("--blocks", default="0,1,2,3", show_default=True, callback=_csv_list(int),
               help="block groups to unfreeze, comma-separated ('all' allowed)")
 @click.option("--fractions", default="0.1,0.25,0.5,1", show_default=True,
@@ -475,23 +491,16 @@ def _sweep_config(params_path: str) -> Any:
 
 
 @main.command()
-@click.option("--model", default=str(PATHS.onnx), show_default=True,
-              type=click.Path(dir_okay=False), help="ONNX model written by `pipeline export`")
-@click.option("--config", default=str(PATHS.model_config), show_default=True,
-              type=click.Path(dir_okay=False))
-@PREPARED_OPTION
-@click.option("--head-metrics", default=str(PATHS.report_file("head")), show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--finetune-metrics", default=str(PATHS.report_file("finetune")), show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--export-metrics", default=str(PATHS.report_file("export")), show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--interpret-metrics", default=str(PATHS.report_file("interpret")), show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--bench", "bench_report", default=str(PATHS.report_file("bench")), show_default=True,
-              type=click.Path(dir_okay=False))
-@click.option("--out", default=str(PATHS.card), show_default=True,
-              type=click.Path(dir_okay=False))
+@stage_path("card", "--model", type=click.Path(dir_okay=False),
+            help="ONNX model written by `pipeline export`")
+@stage_path("card", "--config", type=click.Path(dir_okay=False))
+@prepared_option("card")
+@stage_path("card", "--head-metrics", type=click.Path(dir_okay=False))
+@stage_path("card", "--finetune-metrics", type=click.Path(dir_okay=False))
+@stage_path("card", "--export-metrics", type=click.Path(dir_okay=False))
+@stage_path("card", "--interpret-metrics", type=click.Path(dir_okay=False))
+@stage_path("card", "--bench", "bench_report", type=click.Path(dir_okay=False))
+@stage_path("card", "--out", type=click.Path(dir_okay=False))
 @friendly_errors
 def card(model: str, config: str, prepared: str, head_metrics: str, finetune_metrics: str,
          export_metrics: str, interpret_metrics: str, bench_report: str, out: str) -> None:
@@ -503,7 +512,7 @@ def card(model: str, config: str, prepared: str, head_metrics: str, finetune_met
 
 
 @main.command("lr-find")
-@PARAMS_OPTION
+@params_option()
 @click.option("--features", "features_dir", default=str(PATHS.features), show_default=True,
               type=click.Path(), help="feature cache written by `pipeline features`")
 @click.option("--lr-min", default=1e-6, show_default=True,
@@ -526,8 +535,8 @@ def lr_find(params_path: str, features_dir: str, lr_min: float, lr_max: float, s
 
 
 @main.command("noise-check")
-@PARAMS_OPTION
-@PREPARED_OPTION
+@params_option()
+@prepared_option()
 @click.option("--flips", default=25, show_default=True, type=click.IntRange(1),
               help="training labels to flip to another class")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
@@ -545,11 +554,11 @@ def noise_check(params_path: str, prepared: str, flips: int, seed: int, threads:
 
 
 @main.command("bench-scaling")
-@PARAMS_OPTION
-@PREPARED_OPTION
-@CUT_CACHE_OPTION
-@HEAD_OPTION
-@HEAD_CONFIG_OPTION
+@params_option()
+@prepared_option()
+@cut_cache_option()
+@head_option()
+@head_config_option()
 @click.option("--procs", default="1,2", show_default=True, callback=_csv_list(int),
               help="process counts to compare (torchrun --nproc-per-node)")
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
@@ -576,11 +585,11 @@ def bench_scaling(params_path: str, prepared: str, cut_cache_dir: str, head_mode
               help="cut_cache augmented views")
 @click.option("--workers", default=None, type=click.IntRange(0),
               help="features/cut_cache loader processes [default: the params default]")
-@click.option("--work", default="data/bench_data", show_default=True,
+@click.option("--work", default=str(PATHS.bench_data_work), show_default=True,
               type=click.Path(file_okay=False), help="generated images and runs (kept)")
-@click.option("--out", default="reports/bench_data.json", show_default=True,
+@click.option("--out", default=str(PATHS.bench_data), show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--md", default="reports/bench_data.md", show_default=True,
+@click.option("--md", default=str(PATHS.bench_data.with_suffix(".md")), show_default=True,
               type=click.Path(dir_okay=False))
 @friendly_errors
 def bench_data(count: int, n_phone: int, scale: int, views: int, workers: int | None, work: str,
@@ -633,7 +642,7 @@ def init(folder: str, images: str | None, csv_path: str | None, backbone: str | 
 
 
 @main.command()
-@PARAMS_OPTION
+@params_option()
 @click.option("--out", default=".pipeline/code", show_default=True,
               type=click.Path(file_okay=False), help="folder for <stage>.sha256")
 @friendly_errors

@@ -82,6 +82,20 @@ MODULES: tuple[Module, ...] = (
             "_rejected_hint")),
     Module("export (the checks)", "pipeline/stages/export.py", ("tests/stages/test_export.py",),
            150, ("_check", "preprocessing_check", "_logits", "_run_ort")),
+    Module("bench (the accuracy rule: summary, ratios, headline, fastest)",
+           "pipeline/stages/bench.py",
+           ("tests/stages/test_bench.py::test_the_summary_ratios_headline_and_fastest_path_never_"
+            "advertise_an_inaccurate_file",
+            "tests/stages/test_bench.py::test_without_a_cpu_fp32_row_the_reference_is_pytorch_"
+            "and_without_either_nothing_counts",
+            "tests/stages/test_bench.py::test_cuda_options_carry_the_tf32_choice",
+            "tests/stages/test_bench.py"), 240,
+           ("summary_lines", "_best_cpu_path", "fastest", "ratios", "headline")),
+    Module("sessions (accurate rows, provider choice)", "pipeline/onnx/sessions.py",
+           ("tests/onnx/test_sessions.py",), 120,
+           ("reference_accuracy", "accurate_rows", "auto_provider", "resolve_providers")),
+    Module("blocks", "pipeline/core/blocks.py",
+           ("tests/core/test_blocks.py", "tests/stages/test_finetune.py"), 240),
 )
 
 

@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.core.fingerprint import STAGES, import_closure
+from pipeline.core.fingerprint import import_closure
 from pipeline.core.fingerprint import imported_modules as _imported_modules
 from pipeline.core.paths import PATHS, ProjectPaths
+from pipeline.core.stage_table import MODULE_STAGES, render_dvc_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipeline"
@@ -35,7 +36,13 @@ def stage_modules() -> list[Path]:
 
 
 def test_every_dvc_stage_has_one_stage_module_and_back():
-    assert {p.stem for p in stage_modules()} == set(DVC) == set(STAGES)
+    assert {p.stem for p in stage_modules()} == set(DVC) == set(MODULE_STAGES)
+
+
+def test_the_committed_dvc_yaml_is_the_rendering_of_the_stage_table():
+    """One table of stages: dvc.yaml is rendered from it, never edited by hand."""
+    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(), \
+        "dvc.yaml differs from the stage table: python -m pipeline.core.stage_table > dvc.yaml"
 
 
 @pytest.mark.parametrize("module", stage_modules(), ids=lambda p: p.stem)

@@ -25,7 +25,6 @@ import numpy as np
 from PIL import Image
 
 Augment = Literal["none", "light", "flip"]
-AUGMENTATIONS: tuple[str, ...] = ("none", "light", "flip")
 
 
 def view_rng(seed: int, image: int, view: int) -> np.random.Generator:
@@ -56,3 +55,9 @@ def augment(pixels: np.ndarray, policy: Augment, rng: np.random.Generator) -> np
     if policy == "flip" and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(img, dtype=np.uint8)
+
+
+def view_of_epoch(epoch: int, views: int) -> int:
+    """The cached augmented view that fine-tuning epoch ``epoch`` (1, 2, ...) trains on: the
+    views in turn, the same in the cut and the classic path."""
+    return (epoch - 1) % views

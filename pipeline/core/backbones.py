@@ -25,13 +25,10 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from .config import BackboneParams
+from .config import EMBEDDED_DEFAULT, BackboneParams
 from .errors import PipelineError
 from .preprocess import Preprocessing
 
-EMBEDDED_DEFAULT = "efficientnet_lite0"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -344,6 +341,14 @@ def _strip_torchvision_classifier(model: Any) -> None:
     setattr(parent, attr, nn.Identity())
 
 
+def _torchvision_preprocessing(member: Any) -> Preprocessing:
+    """Resize, crop, filter and normalisation of a torchvision weights enum member."""
+    t = member.transforms()
+    return Preprocessing(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
+                         interpolation=t.interpolation.value,
+                         mean=tuple(t.mean), std=tuple(t.std))
+
+
 def _build_torchvision(arch: str, weights: str) -> Backbone:
     import torch
 
@@ -355,8 +360,9 @@ def _build_torchvision(arch: str, weights: str) -> Backbone:
                             f"valid: {', '.join('torchvision:' + a for a in (close or available))}")
     enum = tv.models.get_model_weights(arch)
     torch.manual_seed(0)
-    pp = Preprocessing(input_size=224, resize_size=256, interpolation="bilinear",
-                       mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    # the architecture's own input size, from its DEFAULT weights' transforms, also when no
+    # weights (or a local file) are loaded: EfficientNet-B3 wants 300 px, ViT-H/14 518 px
+    pp = _torchvision_preprocessing(enum.DEFAULT)
     if weights == "none":
         model, source = tv.models.get_model(arch, weights=None), "none (random init, seed 0)"
     elif is_local_weights(weights):
@@ -380,10 +386,7 @@ def _build_torchvision(arch: str, weights: str) -> Backbone:
             model = tv.models.get_model(arch, weights=member)
         except Exception as exc:
             raise PipelineError(f"cannot load torchvision weights {member}: {exc}") from None
-        t = member.transforms()
-        pp = Preprocessing(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
-                           interpolation=t.interpolation.value,
-                           mean=tuple(t.mean), std=tuple(t.std))
+        pp = _torchvision_preprocessing(member)
         source = f"torchvision {enum.__name__}.{member.name}"
     _strip_torchvision_classifier(model)
     groups = _torchvision_groups(model)

@@ -1,10 +1,9 @@
-"""What the cut_cache and finetune stages share: their params, the images, the compatibility checks.
+"""What the features, cut_cache and finetune stages share: the images, the compatibility checks.
 
-* :class:`FinetuneParams`: the ``finetune`` section of params.yaml. ``CUT_CACHE_KEYS`` are the
-  keys that decide the cut cache's bytes; ``dvc.yaml`` gives the cut_cache stage exactly those
-  (a test keeps the two lists equal), so changing epochs or LRs never rebuilds the cache.
 * :func:`image_batches`: decoded, preprocessed (and, for training views, augmented) images in
   batches, optionally decoded in worker processes, in a given order.
+* :func:`shape_batches`: indices of arrays grouped by shape, then cut to a batch size (an
+  ONNX batch shares one size): how export, interpret and the runner batch raw pixels.
 * :func:`check_same_backbone`: refuses a head or a cache made for another backbone, weights,
   preprocessing or data, naming the key that differs.
 """
@@ -19,10 +18,6 @@ from .augment import Augment, augment, view_rng
 from .errors import PipelineError
 from .copies import PreparedImages
 from .preprocess import Preprocessing, normalize
-
-CUT_CACHE_KEYS = ("enabled", "blocks", "mode", "views", "augment", "cache_dtype", "seed",
-                  "threads")
-
 
 def view_pixels(images: PreparedImages, key: str, pp: Preprocessing, policy: Augment, seed: int,
                 image: int, view: int) -> np.ndarray:
@@ -70,6 +65,16 @@ def _worker_init(_worker: int) -> None:
     from .resize_graph import clear_sessions
 
     clear_sessions()
+
+
+def shape_batches(arrays: Sequence[np.ndarray], batch_size: int) -> list[list[int]]:
+    """Indices into ``arrays``, grouped by shape (first appearance first, input order within
+    a group), each group cut into batches of at most ``batch_size``."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(arrays):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    return [group[s:s + batch_size] for group in groups.values()
+            for s in range(0, len(group), batch_size)]
 
 
 def sequential_batches(n: int, batch_size: int) -> list[list[int]]:

@@ -23,6 +23,7 @@ from .blocks import Split
 from .config import CUT_CACHE_KEYS, FinetuneParams
 from .dataset import SPLITS
 from .errors import PipelineError
+from .runtime import resolve_threads
 
 FEATURES_FORMAT = 1
 CUT_CACHE_FORMAT = 1
@@ -57,7 +58,10 @@ def load_cache(features_dir: str | Path) -> FeatureCache:
 
 
 def cache_params(params: FinetuneParams) -> dict[str, Any]:
-    return {k: getattr(params, k) for k in CUT_CACHE_KEYS}
+    """The cache-deciding keys as this run uses them (``threads`` resolved to a count)."""
+    values = {k: getattr(params, k) for k in CUT_CACHE_KEYS}
+    values["threads"] = resolve_threads(params.threads)
+    return values
 
 
 def uses_cache(params: FinetuneParams, split: Split) -> bool:
@@ -89,8 +93,10 @@ class CutCache:
         if self.meta["manifest_sha256"] != manifest_sha256:
             raise PipelineError(f"{source}: cached for other data (manifest hash differs); {fix}")
         wanted = cache_params(params)
+        # threads only move activations by rounding (~1e-6): a cache made with another count
+        # (another machine sharing the DVC cache) is still the right one
         for key, value in wanted.items():
-            if self.meta["params"].get(key) != value:
+            if key != "threads" and self.meta["params"].get(key) != value:
                 raise PipelineError(f"{source}: cached with finetune.{key} = "
                                     f"{self.meta['params'].get(key)!r}, but params say "
                                     f"{value!r}; {fix}")

@@ -16,15 +16,22 @@ from .augment import Augment
 from .errors import ParamsError
 from .imageio import DEFAULT_MAX_PIXELS
 from .params import load_params_file, param, parse_section
+from .paths import PATHS
 
 EMBEDDED_DEFAULT = "efficientnet_lite0"
 SplitName = Literal["train", "val", "test"]
 Provider = Literal["cpu", "openvino", "cuda", "tensorrt"]
 Variant = Literal["fp16", "int8"]
-# the finetune keys that decide the cut cache's bytes; dvc.yaml gives the cut_cache stage
-# exactly these (a test keeps the two lists equal), so changing epochs or LRs keeps the cache
+# the finetune keys that decide the cut cache's bytes (batch size and threads change how
+# onnxruntime splits its sums); the cut_cache stage's DVC params are exactly these, so changing
+# epochs or LRs keeps the cache
 CUT_CACHE_KEYS = ("enabled", "blocks", "mode", "views", "augment", "cache_dtype", "seed",
-                  "threads")
+                  "batch_size", "threads")
+
+
+# max |onnxruntime - PyTorch| on the first batch of cached features or activations, as a
+# fraction of max(1, max |PyTorch|) (features.verify_tolerance; the cut cache uses the default)
+VERIFY_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ class PrepareParams:
     """``prepare`` section of params.yaml."""
 
     source: Literal["sklearn-digits", "folder", "csv"] = "sklearn-digits"
-    path: str = param("data/images", help="image folder (folder) or manifest file (csv)")
+    path: str = param(str(PATHS.images), help="image folder (folder) or manifest file (csv)")
     val_fraction: float = param(0.15, gt=0.0, lt=1.0)
     test_fraction: float = param(0.15, gt=0.0, lt=1.0)
     seed: int = param(42, ge=0)
@@ -100,7 +107,8 @@ class FeaturesParams:
     threads: int = param(0, ge=0, help="0: one per CPU this process may use")
     workers: int | None = param(None, ge=0, help="image-loading worker processes (0: "
                                 "in-process; null: one per 2 CPUs, at most 4)")
-    verify_tolerance: float = param(1e-4, gt=0.0)
+    verify_tolerance: float = param(VERIFY_TOLERANCE, gt=0.0, help="first batch: max |onnxruntime "
+                                    "- PyTorch| / max(1, max |PyTorch|)")
 
 
 @dataclass(frozen=True)
@@ -175,8 +183,7 @@ class ExportParams:
                                     "(spread over the split; all of them when fewer)")
     int8_calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     int8_reduce_range: bool = param(True, help="7-bit INT8 weights: onnxruntime's U8S8 kernels "
-                                    "saturate 16-bit sums on CPUs without VNNI (AMD EPYC: "
-                                    "drop 1.49 -> 0.74 points, same speed)")
+                                    "saturate 16-bit sums on CPUs without VNNI")
     check_images: int = param(64, ge=1, help="test images for the max |diff| check")
     tolerance: float = param(1e-4, gt=0.0, help="max |onnxruntime - PyTorch|, FP32")
     fp16_min_agreement: float = param(0.995, ge=0.0, le=1.0)
@@ -216,7 +223,7 @@ class BenchParams:
     io_binding: bool = True
     cuda_tf32: bool = True
     trt_fp16: bool = True
-    trt_cache_dir: str = "reports/trt_cache"
+    trt_cache_dir: str = str(PATHS.trt_cache)
 
     def validate(self, section: str) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:

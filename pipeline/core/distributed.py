@@ -41,11 +41,13 @@ def torchrun_command(params: LauncherParams, stage_args: Sequence[str]) -> list[
     return cmd + ["-m", "pipeline", *stage_args]
 
 
-def relaunch(params: LauncherParams, stage_args: Sequence[str]) -> int | None:
-    """Run the stage under torchrun when params ask for it; None when this process should."""
+def relaunch(params: LauncherParams, stage_args: Sequence[str] | None = None) -> int | None:
+    """Run the stage under torchrun when params ask for it, with this command's own arguments
+    (``sys.argv[1:]``, or ``stage_args``); None when this process should run it."""
     if not params.distributed or under_torchrun():
         return None
-    return subprocess.call(torchrun_command(params, stage_args))
+    return subprocess.call(torchrun_command(params, sys.argv[1:] if stage_args is None
+                                            else stage_args))
 
 
 @dataclass

@@ -19,8 +19,6 @@ from pathlib import Path
 from .atomic import write_text
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # .../pipeline
-STAGES = ("prepare", "features", "train_head", "cut_cache", "finetune", "export", "interpret",
-          "bench", "card")
 
 
 def module_file(name: str, root: Path = PACKAGE_ROOT) -> Path | None:
@@ -81,10 +79,12 @@ def stage_fingerprint(stage: str, root: Path = PACKAGE_ROOT) -> str:
 
 def write_fingerprints(folder: str | Path, root: Path = PACKAGE_ROOT) -> dict[str, str]:
     """Write ``<folder>/<stage>.sha256`` for every stage; unchanged files keep their bytes."""
+    from .stage_table import MODULE_STAGES
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for stage in STAGES:
+    for stage in MODULE_STAGES:
         out[stage] = stage_fingerprint(stage, root)
         path = folder / f"{stage}.sha256"
         if not path.is_file() or path.read_text(encoding="utf-8").strip() != out[stage]:

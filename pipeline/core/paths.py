@@ -1,7 +1,8 @@
 """Every artefact path of a project, derived from one root (the folder with ``dvc.yaml``).
 
-The CLI's option defaults, the tools (sweep, benchmarks, noise check) and the tests take their
-paths from :class:`ProjectPaths`; a test checks that ``dvc.yaml`` names the same files.
+The stage table (:mod:`pipeline.core.stage_table`, which renders ``dvc.yaml`` and feeds the
+CLI's option defaults), the tools (sweep, benchmarks, noise check) and the tests take their
+paths from :class:`ProjectPaths`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class ProjectPaths:
         return self._p("models/model.onnx")
 
     @property
+    def onnx_sidecar(self) -> Path:
+        """The contract as JSON beside the model (``<model>.onnx.json``)."""
+        return self._p("models/model.onnx.json")
+
+    @property
     def variants(self) -> Path:
         return self._p("models/variants")
 
@@ -99,6 +105,16 @@ class ProjectPaths:
         return self.reports / "model_card.md"
 
     @property
+    def machine(self) -> Path:
+        """The fingerprint of the machine that ran ``bench`` (its dependency)."""
+        return self.reports / "machine.json"
+
+    @property
+    def code_fingerprints(self) -> Path:
+        """Per-stage fingerprints of the installed tool's code (projects of ``pipeline init``)."""
+        return self._p(".pipeline/code")
+
+    @property
     def lr_find(self) -> Path:
         return self.reports / "lr_find"
 
@@ -117,6 +133,20 @@ class ProjectPaths:
     @property
     def bench_finetune(self) -> Path:
         return self.reports / "bench_finetune.json"
+
+    @property
+    def bench_data(self) -> Path:
+        return self.reports / "bench_data.json"
+
+    @property
+    def bench_data_work(self) -> Path:
+        """Generated photos and runs of ``pipeline bench-data`` (kept, not in git)."""
+        return self._p("data/bench_data")
+
+    @property
+    def trt_cache(self) -> Path:
+        """TensorRT engines and timing cache of ``pipeline bench``."""
+        return self.reports / "trt_cache"
 
     @property
     def bench_scaling(self) -> Path:

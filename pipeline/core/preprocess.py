@@ -19,12 +19,12 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+# the filters the in-graph resize has (ONNX Resize: nearest, linear, cubic); Lanczos has none
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
 _PIL_RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
 }
 
 
@@ -37,6 +37,9 @@ class Preprocessing:
     interpolation: Interpolation
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        _interp(self.interpolation)  # a filter the in-graph resize lacks fails here, in one line
 
     @classmethod
     def from_crop_pct(cls, input_size: int, crop_pct: float, interpolation: str,
@@ -62,9 +65,13 @@ class Preprocessing:
 
 
 def _interp(name: str) -> Interpolation:
+    from .errors import PipelineError
+
     name = str(name).lower().replace("interpolationmode.", "")
     if name not in _PIL_RESAMPLE:
-        raise ValueError(f"unsupported interpolation {name!r}; use one of {sorted(_PIL_RESAMPLE)}")
+        raise PipelineError(f"interpolation {name!r} has no resize in the exported graph (ONNX "
+                            f"Resize); this backbone's preprocessing must use one of "
+                            f"{', '.join(sorted(_PIL_RESAMPLE))}")
     return name  # type: ignore[return-value]
 
 

@@ -50,7 +50,7 @@ def resize_crop_nodes(resize_size: int, input_size: int, interpolation: str,
         return numpy_helper.from_array(np.asarray(value, dtype=dtype), name(n))
 
     inits = [const("one", [1], np.int64), const("two", [2], np.int64),
-             const("three", [3], np.int64), const("r", float(resize_size), np.float64),
+             const("r", float(resize_size), np.float64),
              const("s", float(input_size), np.float64), const("half", 0.5, np.float64),
              const("s_i", [input_size, input_size], np.int64)]
     node = helper.make_node

@@ -89,3 +89,57 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _gpu_models() -> list[str]:
+    """NVIDIA GPUs from the driver's /proc entries (no CUDA library is loaded to find them)."""
+    models = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        try:
+            for line in info.read_text().splitlines():
+                if line.startswith("Model:"):
+                    models.append(line.split(":", 1)[1].strip())
+        except OSError:
+            continue
+    return models
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_fingerprint() -> dict[str, object]:
+    """What decides inference speed on this machine: CPU model and instruction-set flags, the
+    CPUs this process may use, GPUs, and the engines' versions. Equal on one machine from run
+    to run; ``id`` is its short hash (a bench report from another machine is not used to
+    choose an engine here)."""
+    import hashlib
+    import json
+
+    ort = _version("onnxruntime") or _version("onnxruntime-gpu")
+    fields: dict[str, object] = {
+        "cpu": cpu_name(),
+        "cpu_flags_sha256": hashlib.sha256(_cpu_flags().encode()).hexdigest()[:16],
+        "available_cpus": available_cpus(),
+        "gpus": _gpu_models(),
+        "onnxruntime": ort,
+        "openvino": _version("openvino"),
+        "onnxruntime_ep_openvino": _version("onnxruntime-ep-openvino"),
+    }
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return {**fields, "id": digest}

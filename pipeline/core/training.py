@@ -133,6 +133,15 @@ class BestState:
             return True
         return False
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "score": list(self.score) if isinstance(
+            self.score, tuple) else self.score, "state": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        score = state["score"]
+        self.epoch, self.state = state["epoch"], state["state"]
+        self.score = tuple(score) if isinstance(score, list) else score
+
     def restore(self) -> None:
         """Load the best weights back into the model."""
         assert self.state is not None

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 CONTRACT = "pipeline-image-classifier/1"
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("probabilities", "logits")
 
 
 def _text(value: Any) -> str:
@@ -53,6 +52,7 @@ FIELDS: tuple[Field, ...] = (
     Field("mean", json.dumps, lambda s: tuple(json.loads(s)), required=True),
     Field("std", json.dumps, lambda s: tuple(json.loads(s)), required=True),
     Field("outputs", json.dumps, json.loads, required=True),
+    Field("precision"),                            # fp32 | fp16 | int8 (the network's math)
     Field("probability_calibration"),
     Field("temperature", lambda t: repr(float(t)), float),
     Field("backbone"),
@@ -65,10 +65,22 @@ FIELDS: tuple[Field, ...] = (
 KEYS = tuple(f.key for f in FIELDS)
 
 
-# The files `pipeline export` writes, one table for the writer (export) and readers (bench,
-# docs): the shipped model.onnx takes raw pixels; the variants take the fixed-size crop.
-VARIANT_FILES = {"fixed": "model.fixed.onnx", "fp16": "model.fp16.onnx",
-                 "int8": "model.int8.onnx"}
+@dataclass(frozen=True)
+class VariantFile:
+    """One file of ``models/variants/``: its name and the precision its network computes in."""
+
+    file: str
+    precision: str  # fp32 | fp16 | int8 (the contract's ``precision`` key)
+
+
+# The variants `pipeline export` writes beside the shipped model.onnx (raw pixels in, FP32),
+# one table for the writer (export) and the readers (bench, the runner, docs); each takes the
+# fixed-size crop. export.variants picks among the keys after "fixed" (always written).
+VARIANTS: dict[str, VariantFile] = {
+    "fixed": VariantFile("model.fixed.onnx", "fp32"),
+    "fp16": VariantFile("model.fp16.onnx", "fp16"),
+    "int8": VariantFile("model.int8.onnx", "int8"),
+}
 
 
 def resize_policy(resize_size: int, input_size: int, interpolation: str,

@@ -10,7 +10,7 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -152,6 +152,38 @@ def _export_module(model: Any, example: Any, path: Path, input_name: str,
     onnx.checker.check_model(str(path), full_check=True)
 
 
+def onnx_function(module: Any, input_size: int, workdir: Path, input_name: str,
+                  output_name: str, threads: int = 0,
+                  device: str = "cpu") -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """Export a frozen image module (float32 NCHW at ``input_size``) and return (batch ->
+    output run by onnxruntime, the provider that runs it): the path the features and the cut
+    cache share."""
+    import torch
+
+    from .sessions import ort_session
+
+    path = export_module(module.eval(), torch.zeros(2, 3, input_size, input_size),
+                         workdir / f"{output_name}.onnx", input_name=input_name,
+                         output_names=(output_name,))
+    session = ort_session(path, threads, device)
+    return (lambda batch: session.run(None, {input_name: batch})[0],
+            f"onnxruntime:{session.get_providers()[0]}")
+
+
+def check_first_batch(out: np.ndarray, reference: np.ndarray, tolerance: float, what: str,
+                      fix: str) -> float:
+    """max |out - reference|, refused above ``tolerance`` x max(1, max |reference|): one rule
+    for every engine checked against the PyTorch CPU reference (absolute for outputs up to 1,
+    relative for larger activations)."""
+    from ..core.errors import PipelineError
+
+    diff = float(np.abs(out - reference).max())
+    if not diff <= tolerance * max(1.0, float(np.abs(reference).max())):
+        raise PipelineError(f"{what} differ from the PyTorch CPU reference by {diff:.3g} "
+                            f"(limit {tolerance:g} x max(1, max |reference|)); {fix}")
+    return diff
+
+
 def strip_debug_info(model: Any) -> None:
     """Drop the exporter's per-node debug metadata (Python stack traces with this machine's
     absolute paths, FX node dumps, module scopes): the graph is unchanged, the file no longer
@@ -208,6 +240,17 @@ def write_model(model: Any, path: Path) -> None:
 
     with atomic_file(path) as tmp:
         onnx.save_model(model, str(tmp), save_as_external_data=False)
+
+
+def set_metadata(path: Path, **values: str) -> None:
+    """Rewrite the text of existing ``metadata_props`` keys of the file at ``path``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key in values:
+            prop.value = values[prop.key]
+    write_model(model, path)
 
 
 def drop_logits_output(path: Path) -> None:

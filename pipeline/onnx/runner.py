@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ..core.batches import shape_batches
 from ..core.errors import PipelineError
 from ..core.imageio import ImageRejected, load_rgb
 from ..core.preprocess import Preprocessing, normalize, resize_and_crop
@@ -48,7 +49,7 @@ class Contract:
     dtype: str
     preprocessing: Preprocessing
     outputs: list[str]
-    metadata: dict[str, str] = field(repr=False)
+    values: dict[str, Any] = field(repr=False)  # every metadata key, decoded (typed)
     resized_in_graph: bool = False  # True: raw RGB pixels of any size in
 
     @classmethod
@@ -75,7 +76,7 @@ class Contract:
                                mean=values["mean"], std=values["std"])
             contract = cls(classes=values["classes"], input_name=values["input_name"],
                            layout=values["input_layout"], dtype=values["input_dtype"],
-                           preprocessing=pp, outputs=values["outputs"], metadata=meta,
+                           preprocessing=pp, outputs=values["outputs"], values=values,
                            resized_in_graph=values.get("input_resized_in_graph", False))
         except (KeyError, ValueError, TypeError) as exc:
             raise ModelError(f"{path}: incomplete or invalid pipeline metadata ({exc}); "
@@ -166,8 +167,9 @@ class OnnxClassifier:
         check_external_data(self.path)
         self.chosen_why = "as requested"
         if list(providers) == ["auto"]:
-            name, self.chosen_why = auto_provider(_resizes_in_graph(self.path),
-                                                  _variant_of(self.path), bench_report)
+            values = file_contract(self.path)
+            name, self.chosen_why = auto_provider(_resizes_in_graph(values),
+                                                  values.get("precision", "fp32"), bench_report)
             providers = [name, "cpu"] if name != "cpu" else ["cpu"]
         chosen = resolve_providers(providers)
         if chosen[0] in ("cuda", "tensorrt"):
@@ -212,13 +214,21 @@ class OnnxClassifier:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["probabilities"], {self.contract.input_name: batch})[0]
 
+    def probabilities_of(self, inputs: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
+        """Probabilities for prepared inputs (:meth:`prepare`), in input order; inputs of one
+        size share a batch."""
+        if not inputs:
+            return np.zeros((0, len(self.classes)), np.float32)
+        out: list[np.ndarray | None] = [None] * len(inputs)
+        for batch in shape_batches(inputs, batch_size):
+            for i, p in zip(batch, self.probabilities(np.stack([inputs[i] for i in batch]))):
+                out[i] = p
+        return np.stack(out)  # type: ignore[arg-type]
+
     def predict_images(self, images: Sequence[Image.Image],
                        top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Top-k per image; images of different sizes run one by one (a batch shares a size)."""
-        inputs = [self.prepare(img) for img in images]
-        same = all(x.shape == inputs[0].shape for x in inputs)
-        probs = (self.probabilities(np.stack(inputs)) if same and inputs else
-                 [self.probabilities(x[None])[0] for x in inputs])
+        """Top-k per image; images of one size share a batch."""
+        probs = self.probabilities_of([self.prepare(img) for img in images])
         return [self.top_k(p, top_k) for p in probs]
 
     def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
@@ -227,62 +237,51 @@ class OnnxClassifier:
 
     def predict_files(self, paths: Iterable[str | Path], top_k: int = 5,
                       batch_size: int = 16) -> Iterator[Prediction]:
-        """Predict each file; an unreadable one yields a Prediction with ``error`` set."""
-        pending: list[tuple[str, np.ndarray]] = []
+        """Predict each file, in input order, reading ``batch_size`` files at a time; an
+        unreadable one yields a Prediction with ``error`` set."""
+        chunk: list[tuple[str, np.ndarray | str]] = []
 
         def flush() -> Iterator[Prediction]:
-            if pending:
-                probs = self.probabilities(np.stack([x for _, x in pending]))
-                for (name, _), p in zip(pending, probs):
-                    yield Prediction(name, self.top_k(p, top_k))
-                pending.clear()
+            ready = [(i, x) for i, (_, x) in enumerate(chunk) if not isinstance(x, str)]
+            probs = self.probabilities_of([x for _, x in ready], batch_size)  # type: ignore[misc]
+            by_index = {i: p for (i, _), p in zip(ready, probs)}
+            for i, (name, x) in enumerate(chunk):
+                yield (Prediction(name, error=x) if isinstance(x, str)
+                       else Prediction(name, self.top_k(by_index[i], top_k)))
+            chunk.clear()
 
         for path in paths:
             try:
-                x = self.prepare(load_rgb(path))
-                if pending and x.shape != pending[0][1].shape:  # a batch shares one size
-                    yield from flush()
-                pending.append((str(path), x))
+                chunk.append((str(path), self.prepare(load_rgb(path))))
             except ImageRejected as exc:
-                yield from flush()
-                yield Prediction(str(path), error=str(exc))
-                continue
-            except OSError as exc:
-                yield from flush()
-                yield Prediction(str(path), error=f"cannot read: {exc.strerror or exc}")
-                continue
-            if len(pending) >= batch_size:
+                chunk.append((str(path), str(exc)))
+            if len(chunk) >= batch_size:
                 yield from flush()
         yield from flush()
 
 
-def _variant_of(path: Path) -> str:
-    """The bench variant a file is: ``model.int8.onnx`` -> int8, ``model.fp16.onnx`` -> fp16,
-    anything else (the raw model, the fixed FP32 network) -> fp32."""
-    for variant in ("int8", "fp16"):
-        if path.name.endswith(f".{variant}.onnx"):
-            return variant
-    return "fp32"
-
-
-def _resizes_in_graph(path: Path) -> bool:
-    """From the sidecar or the ONNX metadata, without a session; unknown counts as yes (then
-    only engines that honour antialiased Resize are picked)."""
+def file_contract(path: Path) -> dict[str, Any]:
+    """The typed contract of an exported file without a session: its JSON sidecar, else its
+    ONNX metadata (decoded by the one table, :func:`decode_metadata`); ``{}`` when neither
+    can be read."""
     sidecar = sidecar_path(path)
-    if sidecar.is_file():
-        try:
-            return bool(json.loads(sidecar.read_text(encoding="utf-8")).get(
-                "input_resized_in_graph", False))
-        except ValueError:
-            return True
     try:
+        if sidecar.is_file():
+            typed = json.loads(sidecar.read_text(encoding="utf-8"))
+            return typed if isinstance(typed, dict) else {}
         import onnx
 
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
                 .metadata_props}
-    except Exception:
-        return True
-    return meta.get("input_resized_in_graph", "false") == "true"
+        return decode_metadata(meta)
+    except Exception:  # unreadable here; the session's own contract check reports it later
+        return {}
+
+
+def _resizes_in_graph(values: dict[str, Any]) -> bool:
+    """Whether the file resizes in its graph; unknown (no readable contract, or the key
+    missing) counts as yes, so that only engines honouring antialiased Resize are picked."""
+    return bool(values.get("input_resized_in_graph", True))
 
 
 def expand_inputs(items: Sequence[str | Path]) -> list[Path]:

@@ -40,7 +40,6 @@ TENSORRT_INSTALL = ("install TensorRT 10 from NVIDIA's index: pip install --extr
                     "LD_LIBRARY_PATH")
 
 
-GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
 
 
 def session_options(threads: int, graph_optimization: str = "all") -> Any:
@@ -230,31 +229,65 @@ def resolve_providers(names: Sequence[str]) -> list[str]:
     return chosen
 
 
+MAX_ACCURACY_DROP = 0.01  # the bench's rule: a row is accurate within 1 point of FP32
+
+
+def reference_accuracy(rows: Sequence[dict[str, Any]]) -> float | None:
+    """The FP32 accuracy a row is judged against: the onnxruntime CPU FP32 row, else the
+    PyTorch eager FP32 row on the same images, else None (nothing to judge against)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for engine, provider, variant in (("onnxruntime", "cpu", "fp32"),
+                                      ("pytorch", "cpu", "fp32 eager"),
+                                      ("pytorch", "cuda", "fp32 eager")):
+        found = [r["accuracy"] for r in ok
+                 if (r.get("engine"), r["provider"], r["variant"]) == (engine, provider, variant)]
+        if found:
+            return max(found)
+    return None
+
+
 def accurate_rows(rows: Sequence[dict[str, Any]],
-                  max_drop: float = 0.01) -> list[dict[str, Any]]:
+                  max_drop: float = MAX_ACCURACY_DROP) -> list[dict[str, Any]]:
     """The onnxruntime rows of a ``pipeline bench`` report that ran and kept accuracy within
-    ``max_drop`` of the onnxruntime CPU FP32 row (the rule for 'fastest accurate path')."""
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("engine") == "onnxruntime"]
-    reference = [r["accuracy"] for r in ok if (r["provider"], r["variant"]) == ("cpu", "fp32")]
-    return [r for r in ok if not reference or r["accuracy"] >= max(reference) - max_drop]
+    ``max_drop`` of the FP32 reference (:func:`reference_accuracy`): the one rule behind the
+    bench summary, its ratios, headline and fastest path, the model card and ``--providers
+    auto``. Without a reference no row is trusted."""
+    reference = reference_accuracy(rows)
+    if reference is None:
+        return []
+    return [r for r in rows if r.get("status") == "ok" and r.get("engine") == "onnxruntime"
+            and r["accuracy"] >= reference - max_drop - 1e-12]
 
 
 def auto_provider(model_resizes_in_graph: bool, variant: str,
                   bench_report: str | Path | None = None,
-                  max_accuracy_drop: float = 0.01) -> tuple[str, str]:
+                  max_accuracy_drop: float = MAX_ACCURACY_DROP) -> tuple[str, str]:
     """(provider, why) for ``--providers auto``: the fastest provider that ran this kind of
-    file in the last ``pipeline bench`` report with accuracy within ``max_accuracy_drop`` of
-    the CPU's FP32 figure; without a report, a fixed order (CUDA, then OpenVINO on an Intel or
-    AMD x86 CPU for a fixed-size file, then CPU). Engines that ignore antialiased Resize are
-    never picked for the raw-pixel model."""
+    file in the last ``pipeline bench`` report of *this* machine with accuracy within
+    ``max_accuracy_drop`` of FP32; without such a report (none, or one measured on another
+    machine), a fixed order (CUDA, then OpenVINO on an Intel or AMD x86 CPU for a fixed-size
+    file, then CPU). Engines that ignore antialiased Resize are never picked for the
+    raw-pixel model."""
     import json
+
+    from ..core.runtime import machine_fingerprint
 
     allowed = [n for n in PROVIDERS
                if unavailable_reason(n) is None
                and (n in ANTIALIASED_RESIZE or not model_resizes_in_graph)]
     report = Path(bench_report) if bench_report else None
+    why_not = "no bench report for this kind of file"
     if report is not None and report.is_file():
-        rows = json.loads(report.read_text(encoding="utf-8")).get("rows", [])
+        data = json.loads(report.read_text(encoding="utf-8"))
+        measured_on = (data.get("environment") or {}).get("machine") or {}
+        here = machine_fingerprint()
+        rows = data.get("rows", [])
+        if measured_on.get("id") != here["id"]:
+            rows = []
+            why_not = (f"{report} was measured on another machine "
+                       f"({measured_on.get('cpu', 'unknown')}, id "
+                       f"{measured_on.get('id', 'none')}; here {here['cpu']}, id {here['id']}): "
+                       "ignored, run `pipeline bench` here")
         ok = [r for r in accurate_rows(rows, max_accuracy_drop)
               if r["variant"] == variant and r["provider"] in allowed]
         if ok:
@@ -264,5 +297,5 @@ def auto_provider(model_resizes_in_graph: bool, variant: str,
                                       f"{best['batch_size']}, accuracy {best['accuracy']:.4f})")
     for name in ("cuda", "openvino", "cpu"):
         if name in allowed:
-            return name, "no bench report for this kind of file; fixed order cuda, openvino, cpu"
+            return name, f"{why_not}; fixed order cuda, openvino, cpu"
     return "cpu", "fallback"

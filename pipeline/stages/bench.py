@@ -40,7 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -51,13 +52,11 @@ from ..core.copies import PreparedImages
 from ..core.dataset import read_prepared
 from ..core.errors import PipelineError
 from ..core.params import as_dict
-from ..core.runtime import available_cpus, cpu_name, cuda_tf32, resolve_threads
-from ..onnx.contract import VARIANT_FILES
+from ..core.runtime import (available_cpus, cpu_name, cuda_tf32, machine_fingerprint,
+                            resolve_threads)
+from ..onnx.contract import VARIANTS
 from ..onnx.sessions import (PROVIDERS, accurate_rows, cuda_tf32_option, new_session,
                              openvino_backend, unavailable_reason)
-
-Provider = Literal["cpu", "cuda", "tensorrt"]
-
 
 # --------------------------------------------------------------------------- measurement
 
@@ -194,6 +193,52 @@ def failure_reason(lines: list[str]) -> str:
 # --------------------------------------------------------------------------- rows
 
 
+@dataclass
+class Row:
+    """One configuration of the report: what ran, and its figures when ``status`` is ok
+    (``unavailable``/``fallback`` rows carry the reason instead)."""
+
+    model: str
+    threads: int
+    engine: str  # onnxruntime | pytorch
+    provider: str
+    variant: str
+    batch_size: int
+    status: str = "ok"  # ok | unavailable | fallback
+    provider_used: str | None = None
+    reason: str | None = None
+    trt_fp16: bool | None = None
+    tf32: bool | None = None
+    openvino_backend: str | None = None
+    io_binding: bool | None = None
+    session_create_s: float | None = None
+    first_inference_ms: float | None = None
+    iterations: int | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    std_ms: float | None = None
+    throughput_ips: float | None = None
+    accuracy: float | None = None
+    peak_rss_mb: float | None = None
+    gpu_memory_mb: float | None = None
+
+    def timed(self, stats: dict[str, Any], created_s: float, accuracy: float,
+              gpu: bool) -> dict[str, Any]:
+        """This configuration with its measured figures, as a report row."""
+        return asdict(replace(self, status="ok", session_create_s=round(created_s, 3), **stats,
+                              throughput_ips=round(self.batch_size * 1000 / stats["mean_ms"], 2),
+                              accuracy=accuracy, peak_rss_mb=_rss_peak_mb(),
+                              gpu_memory_mb=_gpu_memory_mb() if gpu else None))
+
+    def skipped(self, status: str, reason: str, used: str | None = None) -> dict[str, Any]:
+        """A row that ran nothing: its reason, and no figure fields at all (never CPU
+        numbers under a GPU name, not even empty ones)."""
+        row = asdict(replace(self, status=status, reason=reason, provider_used=used))
+        return {k: v for k, v in row.items() if k not in MEASURED}
+
+
 def _ort_runner(session: Any, provider: str, batch: np.ndarray, io_binding: bool,
                 output: str) -> Callable[[], Any]:
     import onnxruntime as ort
@@ -221,12 +266,14 @@ def _accuracy(predict: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray,
 
 def ort_rows(path: Path, variant: str, provider: str, params: BenchParams, pixels: np.ndarray,
              labels: np.ndarray, base: dict[str, Any]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    head = {**base, "engine": "onnxruntime", "provider": provider, "variant": variant,
-            "trt_fp16": params.trt_fp16 if provider == "tensorrt" else None,
-            "tf32": params.cuda_tf32 if provider == "cuda" else None}
-    if provider == "openvino":  # the plugin EP, or the OpenVINO runtime where it has no device
-        head["openvino_backend"] = openvino_backend()[1]
+    gpu = provider in ("cuda", "tensorrt")
+    head = Row(**base, engine="onnxruntime", provider=provider, variant=variant, batch_size=0,
+               trt_fp16=params.trt_fp16 if provider == "tensorrt" else None,
+               tf32=params.cuda_tf32 if provider == "cuda" else None,
+               # the plugin EP, or the OpenVINO runtime where it has no device
+               openvino_backend=openvino_backend()[1] if provider == "openvino" else None,
+               io_binding=params.io_binding if provider != "cpu" else None)
+    batches = [replace(head, batch_size=b) for b in params.batch_sizes]
     reason = unavailable_reason(provider)
     if reason is None:
         _rss_reset()
@@ -236,31 +283,25 @@ def ort_rows(path: Path, variant: str, provider: str, params: BenchParams, pixel
                 session, used, created_s = make_session(path, provider, params,
                                                         (1, *pixels.shape[1:]))
         except Exception as exc:
-            used, reason = None, f"session creation failed: {str(exc).strip()[:300]}"
+            reason = f"session creation failed: {str(exc).strip()[:300]}"
         else:
             if used != PROVIDERS[provider]:
                 why = failure_reason(log)
-                return [{**head, "batch_size": b, "status": "fallback", "provider_used": used,
-                         "reason": f"onnxruntime fell back to {used} ({PROVIDERS[provider]} "
-                                   f"could not start: {why}); no timings reported"}
-                        for b in params.batch_sizes]
+                return [r.skipped("fallback", f"onnxruntime fell back to {used} "
+                                  f"({PROVIDERS[provider]} could not start: {why}); no timings "
+                                  "reported", used) for r in batches]
     if reason is not None:
-        return [{**head, "batch_size": b, "status": "unavailable", "provider_used": None,
-                 "reason": reason} for b in params.batch_sizes]
+        return [r.skipped("unavailable", reason) for r in batches]
     output = "probabilities"
     accuracy = _accuracy(lambda x: session.run([output], {"image": x})[0], pixels, labels,
                          max(params.batch_sizes))
-    for b in params.batch_sizes:
+    rows = []
+    for r in batches:
         _rss_reset()
-        batch = np.ascontiguousarray(_tile(pixels, b))
+        batch = np.ascontiguousarray(_tile(pixels, r.batch_size))
         stats = time_runs(_ort_runner(session, provider, batch, params.io_binding, output),
                           params)
-        rows.append({**head, "batch_size": b, "status": "ok", "provider_used": used,
-                     "session_create_s": round(created_s, 3), **stats,
-                     "throughput_ips": round(b * 1000 / stats["mean_ms"], 2),
-                     "accuracy": accuracy, "peak_rss_mb": _rss_peak_mb(),
-                     "gpu_memory_mb": _gpu_memory_mb() if provider != "cpu" else None,
-                     "io_binding": params.io_binding if provider != "cpu" else None})
+        rows.append(replace(r, provider_used=used).timed(stats, created_s, accuracy, gpu))
     return rows
 
 
@@ -268,11 +309,11 @@ def torch_rows(model_path: Path, config_path: Path, device: str, params: BenchPa
                pixels: np.ndarray, labels: np.ndarray, base: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
 
-    head = {**base, "engine": "pytorch", "provider": device, "variant": "fp32 eager",
-            "trt_fp16": None, "tf32": params.cuda_tf32 if device == "cuda" else None}
+    batches = [Row(**base, engine="pytorch", provider=device, variant="fp32 eager",
+                   batch_size=b, tf32=params.cuda_tf32 if device == "cuda" else None)
+               for b in params.batch_sizes]
     if device == "cuda" and not torch.cuda.is_available():
-        return [{**head, "batch_size": b, "status": "unavailable", "provider_used": None,
-                 "reason": "torch sees no CUDA device"} for b in params.batch_sizes]
+        return [r.skipped("unavailable", "torch sees no CUDA device") for r in batches]
     from ..core.model import load_model
     from ..core.preprocess import Preprocessing
     from ..onnx.convert import deployable
@@ -290,9 +331,9 @@ def torch_rows(model_path: Path, config_path: Path, device: str, params: BenchPa
 
     accuracy = _accuracy(predict, pixels, labels, max(params.batch_sizes))
     rows = []
-    for b in params.batch_sizes:
+    for r in batches:
         _rss_reset()
-        batch = torch.from_numpy(np.ascontiguousarray(_tile(pixels, b))).to(device)
+        batch = torch.from_numpy(np.ascontiguousarray(_tile(pixels, r.batch_size))).to(device)
 
         def run() -> None:
             with torch.inference_mode(), cuda_tf32(params.cuda_tf32):
@@ -301,18 +342,18 @@ def torch_rows(model_path: Path, config_path: Path, device: str, params: BenchPa
                 torch.cuda.synchronize()
 
         stats = time_runs(run, params)
-        rows.append({**head, "batch_size": b, "status": "ok", "provider_used": f"torch:{device}",
-                     "session_create_s": round(created_s, 3), **stats,
-                     "throughput_ips": round(b * 1000 / stats["mean_ms"], 2),
-                     "accuracy": accuracy, "peak_rss_mb": _rss_peak_mb(),
-                     "gpu_memory_mb": _gpu_memory_mb() if device == "cuda" else None,
-                     "io_binding": None})
+        rows.append(replace(r, provider_used=f"torch:{device}").timed(
+            stats, created_s, accuracy, device == "cuda"))
     return rows
 
 
 def _tile(pixels: np.ndarray, n: int) -> np.ndarray:
     reps = -(-n // len(pixels))
     return np.concatenate([pixels] * reps)[:n]
+
+
+MEASURED = ("session_create_s", "first_inference_ms", "iterations", "p50_ms", "p90_ms", "p99_ms",
+            "mean_ms", "std_ms", "throughput_ips", "accuracy", "peak_rss_mb", "gpu_memory_mb")
 
 
 # --------------------------------------------------------------------------- run and report
@@ -331,15 +372,16 @@ def _device_names() -> dict[str, Any]:
 
 
 def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per device, the fastest accurate onnxruntime row against the fastest PyTorch eager
+    row (the model card copies these lines)."""
     lines = []
     for device in ("cpu", "cuda"):
         torch_ok = [r for r in rows if r["engine"] == "pytorch" and r["provider"] == device
                     and r["status"] == "ok"]
         providers = ("cpu",) if device == "cpu" else ("cuda", "tensorrt")
-        ort_ok = [r for r in rows if r["engine"] == "onnxruntime" and r["provider"] in providers
-                  and r["status"] == "ok"]
+        ort_ok = [r for r in accurate_rows(rows) if r["provider"] in providers]
         if not torch_ok or not ort_ok:
-            lines.append(f"{device}: no comparison (onnxruntime rows ok: {len(ort_ok)}, "
+            lines.append(f"{device}: no comparison (accurate onnxruntime rows: {len(ort_ok)}, "
                          f"PyTorch rows ok: {len(torch_ok)})")
             continue
         best = max(ort_ok, key=lambda r: r["throughput_ips"])
@@ -404,11 +446,16 @@ def machine_figures(weights_path: Path, config_path: Path, threads: int) -> dict
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Speedups at equal batch size: ORT FP32 / eager, INT8 / FP32, TRT / CUDA FP32."""
+    """Speedups at equal batch size: ORT FP32 / eager, INT8 / FP32, TRT / CUDA FP32, ...
+    A ratio whose faster side is not an accurate row (:func:`accurate_rows`) is left out:
+    a speedup of a file that lost accuracy is not advertised."""
+    trusted = [r for r in rows if r["engine"] == "pytorch" and r["status"] == "ok"]
+    trusted += accurate_rows(rows)
+
     def tput(engine: str, provider: str, variant: str, b: int) -> float | None:
-        for r in rows:
-            if (r["engine"], r["provider"], r["variant"], r["batch_size"], r["status"]) == \
-                    (engine, provider, variant, b, "ok"):
+        for r in trusted:
+            if (r["engine"], r["provider"], r["variant"], r["batch_size"]) == \
+                    (engine, provider, variant, b):
                 return r["throughput_ips"]
         return None
 
@@ -513,8 +560,7 @@ def variant_path(model_path: Path, variants_dir: Path, variant: str) -> Path:
     """The file timed for ``variant``: every engine gets the fixed-size network (OpenVINO and
     TensorRT ignore the shipped model's antialiased Resize), FP32 as ``model.fixed.onnx``;
     an export without it (``export.input: float32_nchw``) is timed as ``model_path``."""
-    name = VARIANT_FILES["fixed" if variant == "fp32" else variant]
-    fixed = variants_dir / name
+    fixed = variants_dir / VARIANTS["fixed" if variant == "fp32" else variant].file
     return model_path if variant == "fp32" and not fixed.is_file() else fixed
 
 
@@ -551,11 +597,9 @@ def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
     for variant in params.variants:
         path = variant_path(model_path, variants_dir, variant)
         if not path.is_file():
-            report_rows += [{**base, "engine": "onnxruntime", "provider": p, "variant": variant,
-                             "trt_fp16": None, "tf32": None, "batch_size": b,
-                             "status": "unavailable",
-                             "provider_used": None,
-                             "reason": f"{path} not found (add {variant} to export.variants)"}
+            report_rows += [Row(**base, engine="onnxruntime", provider=p, variant=variant,
+                                batch_size=b).skipped("unavailable", f"{path} not found (add "
+                                                      f"{variant} to export.variants)")
                             for p in params.providers for b in params.batch_sizes]
             continue
         for provider in params.providers:
@@ -577,7 +621,7 @@ def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
                         "platform": platform.platform(), "python": platform.python_version(),
                         "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                         "onnxruntime_providers": onnxruntime.get_available_providers(),
-                        "pipeline": __version__},
+                        "pipeline": __version__, "machine": machine_fingerprint()},
         "accuracy_images": len(test),
         "rows": report_rows,
     }

@@ -62,7 +62,7 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
     """The card as Markdown."""
     from ..onnx.runner import OnnxClassifier
 
-    meta = OnnxClassifier(model_path).contract.metadata
+    meta = OnnxClassifier(model_path).contract.values
     classes = config["classes"]
     backbone = config["backbone"]
     lines = [f"# Model card: {backbone['name']} image classifier, {len(classes)} classes", "",
@@ -76,16 +76,16 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
               "onnxruntime alone, in Python, Node or a browser (README).",
               (f"* Input `{meta['input_name']}`: decoded RGB {meta['input_dtype']} "
                f"{meta['input_layout']} of any size (one size per batch); "
-               if meta.get("input_resized_in_graph") == "true" else
+               if meta.get("input_resized_in_graph") else
                f"* Input `{meta['input_name']}`: {meta['input_dtype']} {meta['input_layout']}, "
                f"{meta['input_size']} × {meta['input_size']}, RGB; before it, ")
               + f"{meta['resize_policy']}. Scaling and mean/std normalisation "
-              + ("happen in the graph." if meta["input_normalized_in_graph"] == "true"
+              + ("happen in the graph." if meta.get("input_normalized_in_graph")
                  else "are the caller's (float input)."),
-              f"* Outputs: {', '.join(json.loads(meta['outputs']))}, one column per class in "
+              f"* Outputs: {', '.join(meta['outputs'])}, one column per class in "
               f"this order: {', '.join(classes)}."]
     if meta.get("probability_calibration") == "temperature":
-        t = float(meta["temperature"])
+        t = meta["temperature"]
         lines.append(f"* Probabilities are calibrated: softmax(logits / {t:.4g}), the "
                      "temperature fitted on the val split (bounded by the accuracy val can "
                      "vouch for) and kept because it helped on val images it was not fitted "

@@ -30,28 +30,17 @@ from ..core.backbones import Backbone, build_backbone
 from ..core.batches import image_batches, sequential_batches
 from ..core.blocks import Split, split_backbone
 from ..core.caches import CUT_CACHE_FORMAT, cache_params, uses_cache
-from ..core.config import BackboneParams, FinetuneParams
+from ..core.config import VERIFY_TOLERANCE, BackboneParams, FinetuneParams
 from ..core.copies import PreparedImages
 from ..core.dataset import SPLITS, read_prepared, split_rows
 from ..core.errors import PipelineError
 from ..core.runtime import resolve_threads
-
-RELATIVE_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| / max(1, max |PyTorch|), first batch
-
+from ..onnx.convert import check_first_batch, onnx_function
 
 def prefix_runner(split: Split, backbone: Backbone, threads: int, workdir: Path) -> Any:
     """Export the prefix to ONNX; return a batch -> activations function (onnxruntime)."""
-    import torch
-
-    from ..onnx.convert import export_module
-    from ..onnx.sessions import ort_session
-
-    size = backbone.preprocessing.input_size
-    path = export_module(split.prefix.eval(), torch.zeros(2, 3, size, size),
-                         workdir / "prefix.onnx", input_name="pixels",
-                         output_names=("activations",))
-    session = ort_session(path, threads)
-    return lambda batch: session.run(None, {"pixels": batch})[0]
+    return onnx_function(split.prefix, backbone.preprocessing.input_size, workdir, "pixels",
+                         "activations", threads)[0]
 
 
 def _check_first_batch(split: Split, batch: np.ndarray, out: np.ndarray) -> float:
@@ -59,11 +48,8 @@ def _check_first_batch(split: Split, batch: np.ndarray, out: np.ndarray) -> floa
 
     with torch.no_grad():
         ref = split.prefix.eval()(torch.from_numpy(batch)).numpy()
-    diff = float(np.abs(ref - out).max())
-    if diff > RELATIVE_TOLERANCE * max(1.0, float(np.abs(ref).max())):
-        raise PipelineError(f"cut cache: onnxruntime differs from PyTorch by {diff:.3g} at the "
-                            "cut; use finetune.mode: classic for this backbone")
-    return diff
+    return check_first_batch(out, ref, VERIFY_TOLERANCE, "cut cache activations",
+                             "use finetune.mode: classic for this backbone")
 
 
 def write_arrays(split: Split, backbone: Backbone, images: PreparedImages,

@@ -40,14 +40,16 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .. import __version__
 from ..core.atomic import atomic_dir, atomic_file, write_csv, write_json
 from ..core.config import ExportParams
+from ..core.batches import shape_batches
 from ..core.copies import PreparedImages
 from ..core.dataset import read_prepared
 from ..core.errors import PipelineError
@@ -56,7 +58,7 @@ from ..core.runtime import resolve_threads
 from ..onnx.contract import (
     CONTRACT,
     INPUT_NAME,
-    VARIANT_FILES,
+    VARIANTS,
     encode_metadata,
     resize_policy,
     sidecar_path,
@@ -66,6 +68,7 @@ from ..onnx.convert import (
     drop_logits_output,
     export_fp16,
     export_int8,
+    set_metadata,
     write_model,
     write_sidecar,
 )
@@ -95,6 +98,7 @@ def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str],
         "mean": pp["mean"],
         "std": pp["std"],
         "outputs": outputs,
+        "precision": "fp32",
         "probability_calibration": "temperature" if calibrated else "none",
         "temperature": temperature,
         "backbone": config["backbone"]["name"],
@@ -165,7 +169,7 @@ def _decoded(images: PreparedImages, keys: list[str]) -> list[np.ndarray]:
 
 def _run_raw(path: Path, images: list[np.ndarray],
              threads: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Run the raw-pixel model, consecutive images of one size batched together."""
+    """Run the raw-pixel model on images of any sizes (one size per batch); input order."""
     import onnxruntime as ort
 
     from ..onnx.sessions import session_options
@@ -173,20 +177,15 @@ def _run_raw(path: Path, images: list[np.ndarray],
     session = ort.InferenceSession(str(path), session_options(threads),
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    probs: list[np.ndarray] = []
-    logits: list[np.ndarray] = []
-    start = 0
-    while start < len(images):
-        end = start + 1
-        while (end < len(images) and end - start < 32
-               and images[end].shape == images[start].shape):
-            end += 1
-        out = dict(zip(names, session.run(None, {"image": np.stack(images[start:end])})))
-        probs.append(out["probabilities"])
-        if "logits" in out:
-            logits.append(out["logits"])
-        start = end
-    return np.concatenate(probs), (np.concatenate(logits) if logits else None)
+    outputs: dict[str, list[np.ndarray | None]] = {n: [None] * len(images) for n in names}
+    for batch in shape_batches(images, 32):
+        for name, values in zip(names, session.run(None, {"image": np.stack(
+                [images[i] for i in batch])})):
+            for i, v in zip(batch, values):
+                outputs[name][i] = v
+    logits = outputs.get("logits")
+    return (np.stack(outputs["probabilities"]),  # type: ignore[arg-type]
+            None if logits is None else np.stack(logits))  # type: ignore[arg-type]
 
 
 ODD_SIZES = ((7, 5), (97, 211), (211, 97), (1000, 750), (513, 511), (31, 400))
@@ -267,6 +266,145 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class Checks:
+    """What every file is checked against, computed once: the test split as an app has it
+    (decoded originals) and as the network sees it (crops), with the PyTorch reference."""
+
+    decoded: list[np.ndarray]
+    pixels: np.ndarray
+    labels: np.ndarray
+    ref_logits: np.ndarray
+    ref_probs: np.ndarray
+    n_check: int
+
+    @property
+    def ref_top1(self) -> np.ndarray:
+        return self.ref_logits.argmax(1)
+
+
+def _exact_gate(variant: str, row: dict[str, Any], fp32_accuracy: float,
+                params: ExportParams) -> str | None:
+    """FP32 files: within ``export.tolerance`` of PyTorch and the same top-1 everywhere."""
+    if (row["max_abs_diff_probabilities"] <= params.tolerance
+            and (row["max_abs_diff_logits"] is None
+                 or row["max_abs_diff_logits"] <= params.tolerance)
+            and row["top1_agreement"] == 1.0):
+        return None
+    return (f"{variant} differs from PyTorch (max |diff| probabilities "
+            f"{row['max_abs_diff_probabilities']:.3g}, logits {row['max_abs_diff_logits']}, "
+            f"top-1 agreement {row['top1_agreement']:.4f}; limit export.tolerance="
+            f"{params.tolerance:g} and 100 %)")
+
+
+def _fp16_gate(variant: str, row: dict[str, Any], fp32_accuracy: float,
+               params: ExportParams) -> str | None:
+    if row["top1_agreement"] >= params.fp16_min_agreement:
+        return None
+    return (f"fp16 top-1 agreement {row['top1_agreement']:.4f} < "
+            f"export.fp16_min_agreement={params.fp16_min_agreement}")
+
+
+def _int8_gate(variant: str, row: dict[str, Any], fp32_accuracy: float,
+               params: ExportParams) -> str | None:
+    row["accuracy_drop_vs_fp32"] = fp32_accuracy - row["test_accuracy"]
+    if row["accuracy_drop_vs_fp32"] <= params.int8_max_accuracy_drop + 1e-12:
+        return None
+    return (f"int8 test accuracy {row['test_accuracy']:.4f} is "
+            f"{row['accuracy_drop_vs_fp32']:.4f} below fp32 (limit "
+            f"export.int8_max_accuracy_drop={params.int8_max_accuracy_drop})")
+
+
+def _build_fp16(fixed: Path, out: Path, params: ExportParams, calibration: Any) -> dict[str, Any]:
+    export_fp16(fixed, out)
+    return {}
+
+
+def _build_int8(fixed: Path, out: Path, params: ExportParams, calibration: Any) -> dict[str, Any]:
+    calib = calibration()
+    source = fixed
+    if not params.logits_output:  # quantise the graph that ships: a logits output changes
+        source = out.with_name("fp32_probabilities_only.onnx")  # the QDQ plan
+        shutil.copyfile(fixed, source)
+        drop_logits_output(source)
+    export_int8(source, out, calib, params.int8_calibration, params.int8_reduce_range)
+    return {"calibration_images": len(calib)}
+
+
+@dataclass(frozen=True)
+class VariantStep:
+    """How export makes a variant from the fixed-size FP32 file (None: it is that file) and
+    the gate it must pass (a message when it fails)."""
+
+    build: Callable[[Path, Path, ExportParams, Callable[[], np.ndarray]], dict[str, Any]] | None
+    gate: Callable[[str, dict[str, Any], float, ExportParams], str | None]
+
+
+# one entry per file of the contract's VARIANTS table; "fp32" is the shipped raw-pixel model
+STEPS: dict[str, VariantStep] = {
+    "fp32": VariantStep(None, _exact_gate),
+    "fixed": VariantStep(None, _exact_gate),
+    "fp16": VariantStep(_build_fp16, _fp16_gate),
+    "int8": VariantStep(_build_int8, _int8_gate),
+}
+
+
+def _check(variant: str, row: dict[str, Any], report: dict[str, Any],
+           params: ExportParams) -> list[str]:
+    """Apply the variant's gate to its measured ``row`` (sets ``passed``); the failures."""
+    fp32_accuracy = report["variants"].get("fp32", row)["test_accuracy"]
+    failure = STEPS[variant].gate(variant, row, fp32_accuracy, params)
+    row["passed"] = failure is None
+    return [failure] if failure else []
+
+
+def _calibration(params: ExportParams, fit: dict[str, Any] | None) -> tuple[float, bool]:
+    temperature = fit["temperature"] if fit else 1.0
+    return temperature, bool(fit and fit["applied"])
+
+
+def _measure(variant: str, path: Path, checks: Checks, params: ExportParams, pp: Preprocessing,
+             raw_input: bool) -> dict[str, Any]:
+    """Run one file on the test split and compare it with PyTorch."""
+    if variant == "fp32" and raw_input:  # the original images, as an app has them
+        probs, logits = _run_raw(path, checks.decoded, params.threads)
+    else:
+        probs, logits = _run_ort(path, checks.pixels, params, pp)
+    n = checks.n_check
+    top1 = probs.argmax(1)
+    return {
+        "file": path.name,
+        "input": ("raw RGB uint8 [N, H, W, 3], any size" if variant == "fp32" and raw_input
+                  else f"{pp.input_size} x {pp.input_size} crop"),
+        "bytes": path.stat().st_size,
+        "max_abs_diff_probabilities": float(np.abs(probs[:n] - checks.ref_probs[:n]).max()),
+        "max_abs_diff_logits": (None if logits is None else float(
+            np.abs(logits[:n] - checks.ref_logits[:n]).max())),
+        "top1_agreement": float((top1 == checks.ref_top1).mean()),
+        "test_accuracy": float((top1 == checks.labels).mean()),
+    }
+
+
+def _publish(staged: dict[str, Path], out_path: Path, variants_dir: Path,
+             params: ExportParams) -> None:
+    """Finish the checked files (outputs, sidecars) and move them into place, each
+    atomically: the variants folder as a whole, then the sidecar, then the model."""
+    if not params.logits_output:
+        for path in staged.values():
+            drop_logits_output(path)
+    for path in staged.values():
+        write_sidecar(path)
+    with atomic_dir(variants_dir) as tmp:
+        for variant, path in staged.items():
+            if variant != "fp32":
+                for f in (path, sidecar_path(path)):
+                    shutil.copyfile(f, tmp / f.name)
+    with atomic_file(sidecar_path(out_path)) as tmp:
+        shutil.copyfile(sidecar_path(staged["fp32"]), tmp)
+    with atomic_file(out_path) as tmp:
+        shutil.copyfile(staged["fp32"], tmp)
+
+
 def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
         prepared_dir: str | Path, out_path: str | Path, variants_dir: str | Path,
         report_path: str | Path, plots_dir: str | Path | None = None,
@@ -275,12 +413,7 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     the reliability tables of the test split into ``plots_dir``)."""
     import torch
 
-    from ..core.calibration import (
-        calibration_report,
-        choose_temperature,
-        reliability,
-        softmax,
-    )
+    from ..core.calibration import calibration_report, choose_temperature, reliability, softmax
     from ..core.model import load_model
 
     threads = resolve_threads(params.threads)
@@ -294,9 +427,8 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                             "re-run the chain (dvc repro)")
     images = PreparedImages(prepared_dir)
     images.require(pp.resize_size)
-    test = [r for r in rows if r["split"] == "test"]
-    val = [r for r in rows if r["split"] == "val"]
-    train = [r for r in rows if r["split"] == "train"]
+    test, val, train = ([r for r in rows if r["split"] == name]
+                        for name in ("test", "val", "train"))
     if not test:
         raise PipelineError(f"{prepared_dir}: the test split is empty; export checks need it")
     if params.probability_calibration == "temperature" and not val:
@@ -304,81 +436,59 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                             "be fitted; set prepare.val_fraction > 0 or "
                             "export.probability_calibration: none")
     raw_input = params.input == "uint8_nhwc"
-    step = max(1, len(train) // params.calibration_images)
-    calib_rows = train[::step][:params.calibration_images]
-    test_decoded = _decoded(images, [r["path"] for r in test])
-    test_pixels = np.stack([resize_and_crop(x, pp) for x in test_decoded])
-    test_labels = np.array([classes.index(r["label"]) for r in test])
-    ref_logits_np = _logits(classifier, test_pixels, pp)
+
+    # 1. the reference: PyTorch on the test split; the temperature fitted on val
+    decoded = _decoded(images, [r["path"] for r in test])
+    pixels = np.stack([resize_and_crop(x, pp) for x in decoded])
+    labels = np.array([classes.index(r["label"]) for r in test])
+    ref_logits = _logits(classifier, pixels, pp)
     val_labels = np.array([classes.index(r["label"]) for r in val], dtype=np.int64)
-    val_logits = (_logits(classifier, _images(images, [r["path"] for r in val], pp),
-                          pp) if val else np.zeros((0, len(classes)), np.float32))
+    val_logits = (_logits(classifier, _images(images, [r["path"] for r in val], pp), pp)
+                  if val else np.zeros((0, len(classes)), np.float32))
     fit = (choose_temperature(val_logits, val_labels, params.reliability_bins)
            if params.probability_calibration == "temperature" else None)
-    temperature = fit["temperature"] if fit else 1.0
-    calibrated = bool(fit and fit["applied"])
-    calibration = calibration_report(val_logits, val_labels, ref_logits_np, test_labels,
-                                     temperature, "temperature" if calibrated else "none",
+    temperature, calibrated = _calibration(params, fit)
+    calibration = calibration_report(val_logits, val_labels, ref_logits, labels, temperature,
+                                     "temperature" if calibrated else "none",
                                      params.reliability_bins, fit)
     if fit and not calibrated:
         calibration["fallback"] = ("plain softmax: temperature scaling fitted on part of val "
                                    "made the other part worse (NLL or ECE)")
-    ref_probs = softmax(ref_logits_np, temperature).astype(np.float32)
-    ref_top1 = ref_logits_np.argmax(1)
-    n_check = min(params.check_images, len(test_pixels))
+    checks = Checks(decoded, pixels, labels, ref_logits,
+                    softmax(ref_logits, temperature).astype(np.float32),
+                    min(params.check_images, len(pixels)))
+
+    def calibration_pixels() -> np.ndarray:
+        step = max(1, len(train) // params.calibration_images)
+        calib = _images(images, [r["path"] for r in train[::step][:params.calibration_images]],
+                        pp)
+        return calib if raw_input else normalize(calib, pp)
 
     report: dict[str, Any] = {"opset": params.opset, "input": params.input,
-                              "test_images": len(test), "check_images": n_check,
-                              "pytorch_test_accuracy": float((ref_top1 == test_labels).mean()),
+                              "test_images": len(test), "check_images": checks.n_check,
+                              "pytorch_test_accuracy": float((checks.ref_top1 == labels).mean()),
                               "calibration": calibration, "variants": {}}
     failures = []
     with tempfile.TemporaryDirectory() as work:
-        # "fp32" is the shipped file (raw pixels in); the others take the fixed-size crop
+        # 2. build every file: the fixed-size network, the shipped raw-pixel model in front
+        # of it, then the variants made from the fixed one
+        fixed = Path(work) / (VARIANTS["fixed"].file if raw_input else out_path.name)
         staged = {"fp32": Path(work) / out_path.name}
-        fixed = Path(work) / (VARIANT_FILES["fixed"] if raw_input else out_path.name)
-        if raw_input:
-            staged["fixed"] = fixed
-        staged |= {v: Path(work) / VARIANT_FILES[v] for v in params.variants}
         report["graph"] = export_fp32(classifier, config, params, fixed, temperature,
                                       calibrated)
         if raw_input:
+            staged["fixed"] = fixed
             report["graph"]["raw"] = export_raw(fixed, staged["fp32"], config, params,
                                                 temperature, calibrated)
-            report["preprocessing"] = preprocessing_check(classifier, staged["fp32"],
-                                                          test_decoded, test_pixels, pp,
-                                                          temperature, threads)
-        if "fp16" in staged:
-            export_fp16(fixed, staged["fp16"])
-        if "int8" in staged:
-            calib = _images(images, [r["path"] for r in calib_rows], pp)
-            if not raw_input:
-                calib = normalize(calib, pp)
-            source = fixed
-            if not params.logits_output:  # quantise the graph that ships: a logits output
-                source = Path(work) / "fp32_probabilities_only.onnx"  # changes the QDQ plan
-                shutil.copyfile(fixed, source)
-                drop_logits_output(source)
-            export_int8(source, staged["int8"], calib, params.int8_calibration,
-                        params.int8_reduce_range)
-            report["calibration_images"] = len(calib)
+            report["preprocessing"] = preprocessing_check(classifier, staged["fp32"], decoded,
+                                                          pixels, pp, temperature, threads)
+        for variant in params.variants:
+            staged[variant] = Path(work) / VARIANTS[variant].file
+            report |= STEPS[variant].build(fixed, staged[variant], params, calibration_pixels)
+            set_metadata(staged[variant], precision=VARIANTS[variant].precision)
+        # 3. check every file against PyTorch; any gate that fails stops the stage
         for variant, path in staged.items():
-            if variant == "fp32" and raw_input:  # the original images, as an app has them
-                probs, logits = _run_raw(path, test_decoded, params.threads)
-            else:
-                probs, logits = _run_ort(path, test_pixels, params, pp)
-            top1 = probs.argmax(1)
-            row = {
-                "file": path.name,
-                "input": ("raw RGB uint8 [N, H, W, 3], any size" if variant == "fp32"
-                          and raw_input else f"{pp.input_size} x {pp.input_size} crop"),
-                "bytes": path.stat().st_size,
-                "max_abs_diff_probabilities": float(np.abs(probs[:n_check] -
-                                                           ref_probs[:n_check]).max()),
-                "max_abs_diff_logits": (None if logits is None else float(
-                    np.abs(logits[:n_check] - ref_logits_np[:n_check]).max())),
-                "top1_agreement": float((top1 == ref_top1).mean()),
-                "test_accuracy": float((top1 == test_labels).mean()),
-            }
+            row = _measure(variant, path, checks, params, pp, raw_input)
             report["variants"][variant] = row
             failures += _check(variant, row, report, params)
         if raw_input and report["preprocessing"]["odd_size_top1_agreement"] < 1.0:
@@ -387,26 +497,14 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                             "the odd-size images (in-graph resize)")
         if failures:
             raise PipelineError("export checks failed, nothing written: " + "; ".join(failures))
-        if not params.logits_output:
-            for path in staged.values():
-                drop_logits_output(path)
+        # 4. publish
         report["outputs"] = ["probabilities"] + (["logits"] if params.logits_output else [])
-        for path in staged.values():
-            write_sidecar(path)
-        with atomic_dir(variants_dir) as tmp:
-            for variant in staged:
-                if variant != "fp32":
-                    for f in (staged[variant], sidecar_path(staged[variant])):
-                        shutil.copyfile(f, tmp / f.name)
-        with atomic_file(sidecar_path(out_path)) as tmp:
-            shutil.copyfile(sidecar_path(staged["fp32"]), tmp)
-        with atomic_file(out_path) as tmp:
-            shutil.copyfile(staged["fp32"], tmp)
+        _publish(staged, out_path, variants_dir, params)
     if plots_dir is not None:
         for name, t in (("uncalibrated", 1.0), ("calibrated", temperature)):
             write_csv(Path(plots_dir) / f"{name}.csv", ("confidence", "accuracy", "count"),
                       ((f"{r['confidence']:.6g}", f"{r['accuracy']:.6g}", r["count"])
-                       for r in reliability(softmax(ref_logits_np, t), test_labels,
+                       for r in reliability(softmax(ref_logits, t), labels,
                                             params.reliability_bins)))
     write_json(report_path, report)
     if metrics_path is not None:
@@ -417,36 +515,6 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
               f"probs {row['max_abs_diff_probabilities']:.2e}  top-1 agreement "
               f"{row['top1_agreement']:.4f}  test accuracy {row['test_accuracy']:.4f}")
     return report
-
-
-def _check(variant: str, row: dict[str, Any], report: dict[str, Any],
-           params: ExportParams) -> list[str]:
-    fp32_acc = report["variants"].get("fp32", row)["test_accuracy"]
-    failures = []
-    if variant in ("fp32", "fixed"):
-        row["passed"] = (row["max_abs_diff_probabilities"] <= params.tolerance
-                         and (row["max_abs_diff_logits"] is None
-                              or row["max_abs_diff_logits"] <= params.tolerance)
-                         and row["top1_agreement"] == 1.0)
-        if not row["passed"]:
-            failures.append(f"{variant} differs from PyTorch (max |diff| probabilities "
-                            f"{row['max_abs_diff_probabilities']:.3g}, logits "
-                            f"{row['max_abs_diff_logits']}, top-1 agreement "
-                            f"{row['top1_agreement']:.4f}; limit export.tolerance="
-                            f"{params.tolerance:g} and 100 %)")
-    elif variant == "fp16":
-        row["passed"] = row["top1_agreement"] >= params.fp16_min_agreement
-        if not row["passed"]:
-            failures.append(f"fp16 top-1 agreement {row['top1_agreement']:.4f} < "
-                            f"export.fp16_min_agreement={params.fp16_min_agreement}")
-    else:
-        row["accuracy_drop_vs_fp32"] = fp32_acc - row["test_accuracy"]
-        row["passed"] = row["accuracy_drop_vs_fp32"] <= params.int8_max_accuracy_drop + 1e-12
-        if not row["passed"]:
-            failures.append(f"int8 test accuracy {row['test_accuracy']:.4f} is "
-                            f"{row['accuracy_drop_vs_fp32']:.4f} below fp32 (limit "
-                            f"export.int8_max_accuracy_drop={params.int8_max_accuracy_drop})")
-    return failures
 
 
 def _print_calibration(calibration: dict[str, Any]) -> None:

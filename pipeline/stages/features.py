@@ -37,6 +37,7 @@ from ..core.copies import PreparedImages
 from ..core.params import as_dict
 from ..core.preprocess import Preprocessing
 from ..core.runtime import cuda_tf32, resolve_threads
+from ..onnx.convert import check_first_batch
 
 
 def iter_batches(images: PreparedImages, keys: list[str], pp: Preprocessing, batch_size: int,
@@ -67,19 +68,10 @@ def make_extractor(backbone: Backbone, params: FeaturesParams,
 
         return run_torch, f"torch:{device}"
 
-    from ..onnx.convert import export_module
-    from ..onnx.sessions import ort_session
+    from ..onnx.convert import onnx_function
 
-    size = backbone.preprocessing.input_size
-    onnx_path = export_module(backbone.model, torch.zeros(2, 3, size, size),
-                              workdir / "backbone.onnx", input_name="pixels",
-                              output_names=("features",))
-    session = ort_session(onnx_path, params.threads, params.device)
-
-    def run_ort(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {"pixels": batch})[0]
-
-    return run_ort, f"onnxruntime:{session.get_providers()[0]}"
+    return onnx_function(backbone.model, backbone.preprocessing.input_size, workdir, "pixels",
+                         "features", params.threads, params.device)
 
 
 def reference_features(model: Any, batch: np.ndarray) -> np.ndarray:
@@ -153,14 +145,12 @@ def run(backbone_params: BackboneParams, params: FeaturesParams, prepared_dir: s
                     raise PipelineError(f"backbone returned shape {out.shape}, expected "
                                         f"({len(batch)}, {dim})")
                 if max_diff is None and reference is not None:
-                    max_diff = float(np.abs(out - reference_features(reference, batch)).max())
-                    if not max_diff <= params.verify_tolerance:
-                        fix = ("set features.device: cpu" if params.engine == "torch" else
-                               "use features.engine: torch for this backbone")
-                        raise PipelineError(
-                            f"features ({provider}) differ from the PyTorch CPU reference by "
-                            f"{max_diff:.3g} > features.verify_tolerance="
-                            f"{params.verify_tolerance:g}; {fix}")
+                    fix = ("set features.device: cpu" if params.engine == "torch" else
+                           "use features.engine: torch for this backbone")
+                    max_diff = check_first_batch(out, reference_features(reference, batch),
+                                                 params.verify_tolerance,
+                                                 f"features ({provider})",
+                                                 f"features.verify_tolerance; {fix}")
                 features[indices[0]:indices[-1] + 1] = out
                 bar.update(len(batch))
         features.flush()

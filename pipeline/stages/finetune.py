@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..core.atomic import write_csv, write_json
+from ..core.augment import view_of_epoch
 from ..core.backbones import Backbone, build_backbone
 from ..core.batches import check_same_backbone, image_batches, sequential_batches
 from ..core.blocks import Split, set_bn_modes, split_backbone
@@ -90,7 +91,7 @@ class CutSource:
         self.views = self.train.shape[1]
 
     def train_batches(self, epoch: int, batches: list[list[int]]) -> Iterator[torch.Tensor]:
-        view = (epoch - 1) % self.views
+        view = view_of_epoch(epoch, self.views)
         for indices in batches:
             yield training_layout(torch.from_numpy(np.array(self.train[indices, view],
                                                             dtype=np.float32)))
@@ -122,7 +123,7 @@ class ClassicSource:
     def train_batches(self, epoch: int, batches: list[list[int]]) -> Iterator[torch.Tensor]:
         p = self.params
         stream = image_batches(self.images, self.keys["train"], self.pp, batches, p.workers,
-                               p.augment, p.seed, (epoch - 1) % self.views)
+                               p.augment, p.seed, view_of_epoch(epoch, self.views))
         for batch in stream:
             yield self._prefix(batch)
 
@@ -305,17 +306,14 @@ def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_class
     start, seconds, resumed_from = 1, [], 0
     state = load_resume(resume_path, resume_key)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for part, name in ((model, "model"), (optimizer, "optimizer"),
+                           (scheduler, "scheduler"), (best, "best"), (stopper, "stopper")):
+            part.load_state_dict(state[name])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         history, seconds = state["history"], state["seconds"]
-        best.epoch, best.state = state["best_epoch"], state["best_state"]
-        best.score = (state["best"][0], state["best"][1])
-        stopper.load_state_dict({"best": state["best_ft_loss"], "stale": state["stale"]})
         start = resumed_from = int(state["epoch"]) + 1
     for epoch in range(start, params.epochs + 1):
         if stopper.stop:
@@ -341,11 +339,10 @@ def fit(split: Split, head: Head, source: Any, params: FinetuneParams, num_class
             save_resume(resume_path, {
                 "key": resume_key, "epoch": epoch, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "best": best.state_dict(), "stopper": stopper.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "history": history, "best_epoch": best.epoch, "best_state": best.state,
-                "best": list(best.score), "best_ft_loss": stopper.best, "stale": stopper.stale,
-                "seconds": seconds})
+                "history": history, "seconds": seconds})
         ctx.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
@@ -419,6 +416,7 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
             "params": as_dict(params), "threads": threads, "backbone": backbone.describe(),
             "manifest": summary["manifest_sha256"], "head": sha256_file(Path(head_model)),
             "cache": cache_meta, "warm_start_candidate": warm_start_candidate,
+            "resume_format": 2,
         }, sort_keys=True, default=str).encode()).hexdigest()
         result = fit(split, head, source, params, len(classes), _resume_path(model_path),
                      resume_key, on_epoch_end, ctx, warm_start_candidate)

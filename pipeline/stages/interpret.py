@@ -39,18 +39,9 @@ def split_probabilities(classifier: Any, images: PreparedImages, keys: list[str]
                         batch_size: int) -> np.ndarray:
     """Probabilities of the exported model for each decoded copy (rows in input order; not
     empty). A batch shares one size, so images are grouped by shape first."""
-    inputs = [classifier.prepare(images.rgb(k)) for k in keys]
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, x in enumerate(inputs):
-        by_shape.setdefault(x.shape, []).append(i)
-    probs: list[np.ndarray | None] = [None] * len(inputs)
-    for group in by_shape.values():
-        for start in range(0, len(group), batch_size):
-            chosen = group[start:start + batch_size]
-            for i, p in zip(chosen, classifier.probabilities(np.stack([inputs[i]
-                                                                      for i in chosen]))):
-                probs[i] = p
-    return np.stack(probs).astype(np.float64)
+    probs = classifier.probabilities_of([classifier.prepare(images.rgb(k)) for k in keys],
+                                        batch_size)
+    return probs.astype(np.float64)
 
 
 def contact_sheet(entries: list[dict[str, Any]], images: PreparedImages, title: str,
@@ -99,7 +90,7 @@ def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Pat
                             "re-run the chain (dvc repro)")
     images = PreparedImages(prepared_dir)
     report: dict[str, Any] = {"model": str(model_path),
-                              "probability_calibration": classifier.contract.metadata.get(
+                              "probability_calibration": classifier.contract.values.get(
                                   "probability_calibration", "none"),
                               "splits": {}}
     with atomic_dir(out_dir) as tmp:

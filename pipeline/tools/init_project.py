@@ -13,7 +13,6 @@ import dataclasses
 import shutil
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from ..core.atomic import write_text
 from ..core.config import SECTIONS
 from ..core.errors import PipelineError
 from ..core.fingerprint import write_fingerprints
+from ..core.stage_table import render_dvc_yaml
 
 IMAGES_README = """Put your images here as `data/images/<class>/<image>` (or point `prepare.path` in
 `params.yaml` at another folder, or at a CSV manifest with `prepare.source: csv`). Files outside
@@ -128,8 +128,7 @@ def init(folder: str | Path, images: str | Path | None = None, csv: str | Path |
     if backbone is not None:
         overrides["backbone"] = {"name": backbone}
     files = {
-        "dvc.yaml": resources.files("pipeline").joinpath("templates/dvc.yaml.tmpl").read_text(
-            encoding="utf-8"),
+        "dvc.yaml": render_dvc_yaml(project=True),
         "params.yaml": render_params(overrides),
         "data/images/README.md": IMAGES_README,
     }

@@ -32,7 +32,7 @@ from ..core.atomic import atomic_file, write_json
 from ..core.caches import load_cache
 from ..core.config import TrainHeadParams
 from ..core.errors import PipelineError
-from ..core.runtime import resolve_threads
+from ..core.runtime import machine_fingerprint, resolve_threads
 from ..core.training import train_step
 from ..stages.train_head import fit_head, new_head
 
@@ -125,6 +125,7 @@ def run(params: TrainHeadParams, features_dir: str | Path, out_dir: str | Path,
               "lr_min": lr_min, "lr_max": lr_max, "steps_run": len(curve["lr"]),
               "suggestions": suggested, "checked_by_training": checks, "curve": curve}
     out_dir = Path(out_dir)
+    report["machine"] = machine_fingerprint()  # every figure names its machine
     write_json(out_dir / "lr_find.json", report)
     plot(report, out_dir / "lr_find.png")
     for c in checks:

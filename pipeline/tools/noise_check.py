@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import write_json
+from ..core.runtime import machine_fingerprint
 from ..core.config import ExportParams, InterpretParams
 from ..core.dataset import read_prepared
 from ..core.errors import PipelineError
@@ -106,6 +107,7 @@ def run(cfg: SweepConfig, prepared_dir: str | Path, out_path: str | Path, flips:
             figures["test_accuracy"] = exported["variants"]["fp32"]["test_accuracy"]
             figures["seconds"] = round(time.perf_counter() - started, 1)
             report["models"][name] = figures
+    report["machine"] = machine_fingerprint()  # every figure names its machine
     write_json(out_path, report)
     for name, f in report["models"].items():
         n = f["flipped"]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.atomic import atomic_file, write_csv, write_json, write_text
+from ..core.runtime import machine_fingerprint
 from ..core.config import (
     BackboneParams,
     FeaturesParams,
@@ -212,6 +213,7 @@ def run(cfg: SweepConfig, prepared_dir: str | Path, features_dir: str | Path,
                 entry["scratch_train_seconds"] = row["train_seconds"]
             report["curve"].append(entry)
     out_dir.mkdir(parents=True, exist_ok=True)
+    report["machine"] = machine_fingerprint()  # every figure names its machine
     write_json(out_dir / "sweep.json", report)
     write_text(out_dir / "sweep.md", markdown(report))
     plot(report, out_dir / "sweep.png")

@@ -138,3 +138,20 @@ def test_embedded_lite0_recognises_imagenet_classes():
     assert int(probs[1].argmax()) == 967
     assert torch.allclose(pooled, model.forward_head(model.forward_features(torch.from_numpy(batch)),
                                                      pre_logits=True), atol=1e-5)
+
+
+def test_a_torchvision_backbone_without_downloaded_weights_keeps_its_own_input_size(tmp_path):
+    """weights: none or a local file still use the architecture's preprocessing (its DEFAULT
+    weights' transforms): EfficientNet-B3 is 300 px from a 320 px resize, bicubic."""
+    from safetensors.torch import save_file
+
+    expected = (300, 320, "bicubic")
+    none = build_backbone(BackboneParams(name="torchvision:efficientnet_b3", weights="none"))
+    pp = none.preprocessing
+    assert (pp.input_size, pp.resize_size, pp.interpolation) == expected
+    path = tmp_path / "b3.safetensors"
+    save_file({k: v.contiguous() for k, v in none.model.state_dict().items()}, str(path))
+    local = build_backbone(BackboneParams(name="torchvision:efficientnet_b3", weights=str(path)))
+    assert local.preprocessing == pp
+    r18 = build_backbone(BackboneParams(name="torchvision:resnet18", weights="none"))
+    assert (r18.preprocessing.input_size, r18.preprocessing.interpolation) == (224, "bilinear")

@@ -104,3 +104,21 @@ def test_two_gloo_processes_match_one(tmp_path, cli_env):
         assert r["features_speedup"] == round(speedup, 3)
         assert r["features_efficiency"] == round(speedup / r["processes"], 3)
         assert r["features_images_per_s"] == round(report["images"] / r["features_seconds"], 2)
+
+
+def test_torchrun_relaunch_forwards_the_command_line_as_given(monkeypatch):
+    """A stage under launcher.nproc_per_node > 1 re-runs exactly its own command line."""
+    import subprocess
+    import sys
+
+    from pipeline.core import distributed
+    from pipeline.core.config import LauncherParams
+
+    seen = []
+    monkeypatch.setattr(sys, "argv", ["pipeline", "finetune", "--params", "p.yaml",
+                                      "--model", "elsewhere.safetensors"])
+    monkeypatch.setattr(distributed, "under_torchrun", lambda: False)
+    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+    assert distributed.relaunch(LauncherParams(nproc_per_node=2)) == 0
+    assert seen[0][-7:] == ["-m", "pipeline", "finetune", "--params", "p.yaml", "--model",
+                            "elsewhere.safetensors"] and "--nproc-per-node=2" in seen[0]

@@ -93,3 +93,18 @@ def test_an_image_smaller_than_the_crop_is_upscaled():
     pp = Preprocessing(32, 36, "bicubic", (0.5,) * 3, (0.5,) * 3)
     out = resize_and_crop(np.full((3, 5, 3), 200, dtype=np.uint8), pp)
     assert out.shape == (32, 32, 3) and (out == 200).all()
+
+
+def test_a_filter_the_graph_resize_lacks_is_a_one_line_error():
+    """Lanczos has no ONNX Resize mode: refused when the preprocessing is made (a backbone's
+    config or a model's), naming the filters there are, never a traceback later."""
+    from pipeline.core.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"^interpolation 'lanczos' has no resize in the "
+                       r"exported graph.*one of bicubic, bilinear, nearest$"):
+        Preprocessing(224, 256, "lanczos", (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(PipelineError, match="'lanczos'"):
+        Preprocessing.from_dict({"input_size": 224, "resize_size": 256, "interpolation":
+                                 "InterpolationMode.LANCZOS", "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert Preprocessing.from_crop_pct(224, 0.875, "bicubic", (0.5,) * 3,
+                                       (0.5,) * 3).resize_size == 256

@@ -85,3 +85,29 @@ def test_best_state_keeps_a_copy_not_a_view():
     best.restore()
     assert float(layer.weight) != 7.0
     assert best.offer(3, (0.6, -math.inf)) and best.epoch == 3
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named in ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_tampered_resume_file_runs_nothing(tmp_path):
+    """The resume state is loaded with weights_only=True: a pickled object in it is refused,
+    its code never runs; a state written by save_resume loads back for its own key only."""
+    from pipeline.core.training import load_resume, save_resume
+
+    marker = tmp_path / "payload_ran"
+    torch.save({"key": "k", "x": _Payload(str(marker))}, str(tmp_path / "resume.pt"))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_resume(tmp_path / "resume.pt", "k")
+    assert not marker.exists()
+    save_resume(tmp_path / "good.pt", {"key": "k", "epoch": 3, "w": torch.ones(2)})
+    assert load_resume(tmp_path / "good.pt", "k")["epoch"] == 3
+    assert load_resume(tmp_path / "good.pt", "other") is None
+    assert load_resume(tmp_path / "missing.pt", "k") is None and load_resume(None, "k") is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -23,7 +22,8 @@ def values() -> dict:
         "input_layout": "NHWC", "input_dtype": "uint8", "input_size": 224,
         "input_normalized_in_graph": True, "input_resized_in_graph": True, "resize_size": 256, "interpolation": "bicubic",
         "crop": "center", "resize_policy": "words", "scale": "1/255", "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5), "outputs": ["probabilities"], "probability_calibration": "none",
+        "std": (0.5, 0.5, 0.5), "outputs": ["probabilities"], "precision": "fp32",
+        "probability_calibration": "none",
         "temperature": 1.0, "backbone": "efficientnet_lite0", "backbone_weights": "default",
         "pipeline_version": "0.1.0", "training_metrics": {"test_accuracy": 0.9},
         "training_manifest_sha256": "ab", "finetune": {"blocks": 2},
@@ -42,11 +42,6 @@ def test_false_flags_come_back_false():
     text = encode_metadata(values() | flags)
     assert [text[k] for k in flags] == ["false", "false"]
     assert decode_metadata(text) == values() | flags
-
-
-def test_the_table_cannot_be_changed_at_run_time():
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        FIELDS[0].required = False
 
 
 def test_the_resize_policy_says_who_resizes():
@@ -95,15 +90,24 @@ def test_optional_keys_may_be_absent_and_unknown_keys_are_ignored():
 
 
 def test_the_exporter_and_the_runner_use_the_table(exported):
-    """The shipped file carries exactly the table's keys, and the runner reads them back."""
+    """Every exported file carries exactly the table's keys with the values export meant
+    (the precision of each variant from the variants table), and the runner reads them back
+    typed."""
     import onnx
 
+    from pipeline.onnx.contract import VARIANTS
     from pipeline.onnx.runner import OnnxClassifier
 
     root, _ = exported
-    model = onnx.load(str(root / "out" / "model.onnx"), load_external_data=False)
-    assert [p.key for p in model.metadata_props] == list(KEYS)
-    runner = OnnxClassifier(root / "out" / "model.onnx")
-    decoded = decode_metadata(runner.contract.metadata)
-    assert runner.contract.classes == decoded["classes"]
-    assert runner.contract.preprocessing.input_size == decoded["input_size"]
+    files = {"model.onnx": ("fp32", True)} | {
+        f"variants/{v.file}": (v.precision, False) for v in VARIANTS.values()}
+    for name, (precision, resized) in files.items():
+        model = onnx.load(str(root / "out" / name), load_external_data=False)
+        assert [p.key for p in model.metadata_props] == list(KEYS)
+        runner = OnnxClassifier(root / "out" / name)
+        typed = runner.contract.values
+        assert typed["precision"] == precision and typed["input_resized_in_graph"] is resized
+        assert typed["classes"] == runner.contract.classes and len(typed["classes"]) == 10
+        assert typed["input_size"] == runner.contract.preprocessing.input_size == \
+            json.loads((root / "model.json").read_text())["preprocessing"]["input_size"]
+        assert isinstance(typed["temperature"], float) and typed["outputs"] == ["probabilities"]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.core.runtime import resolve_threads
 from pipeline.onnx.contract import encode_metadata
-from pipeline.onnx.runner import ModelError, OnnxClassifier, _resizes_in_graph
+from pipeline.onnx.runner import ModelError, OnnxClassifier, _resizes_in_graph, file_contract
 
 from .test_contract import values
 
@@ -166,15 +166,19 @@ def test_a_file_onnxruntime_cannot_load_is_refused_with_its_reason(tmp_path):
 
 def test_whether_a_file_resizes_in_its_graph_is_read_without_a_session(tmp_path):
     fixed = channel_mean_model(tmp_path / "m.onnx")
-    assert _resizes_in_graph(fixed) is False
+    assert file_contract(fixed)["input_resized_in_graph"] is False
+    assert _resizes_in_graph(file_contract(fixed)) is False
     model = onnx.load(str(fixed))
-    helper.set_model_props(model, metadata(input_resized_in_graph=True))
+    helper.set_model_props(model, metadata(input_resized_in_graph=True, precision="int8"))
     onnx.save(model, str(tmp_path / "raw.onnx"))
-    assert _resizes_in_graph(tmp_path / "raw.onnx") is True
+    raw = file_contract(tmp_path / "raw.onnx")  # typed by the contract table
+    assert _resizes_in_graph(raw) is True and raw["precision"] == "int8"
     (tmp_path / "m.onnx.json").write_text('{"input_resized_in_graph": true}')
-    assert _resizes_in_graph(fixed) is True  # the sidecar is read first
+    assert _resizes_in_graph(file_contract(fixed)) is True  # the sidecar is read first
     (tmp_path / "m.onnx.json").write_text("{broken")
-    assert _resizes_in_graph(fixed) is True  # unknown counts as yes
+    assert file_contract(fixed) == {}
+    assert _resizes_in_graph({}) is True  # unknown counts as yes
+    assert _resizes_in_graph({"contract": "x"}) is True  # a missing key is unknown too
 
 
 def test_images_of_another_size_start_a_new_batch(tmp_path):

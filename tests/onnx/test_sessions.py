@@ -33,11 +33,13 @@ def everything_available(monkeypatch):
 
 def test_auto_picks_the_fastest_accurate_engine_for_this_kind_of_file(tmp_path,
                                                                       everything_available):
-    bench = report(tmp_path, [
+    from pipeline.core.runtime import machine_fingerprint
+
+    bench = _here(tmp_path / "bench.json", [
         row("cpu", "fp32", 32, 150, 0.99), row("openvino", "fp32", 32, 300, 0.99),
         row("cpu", "int8", 32, 200, 0.985), row("openvino", "int8", 32, 420, 0.97),  # too lossy
         row("openvino", "int8", 1, 350, 0.985), row("cuda", "fp32", 32, 900, 0.99, "fallback"),
-    ])
+    ], machine_fingerprint())
     assert sessions.auto_provider(False, "int8", bench)[0] == "openvino"
     name, why = sessions.auto_provider(False, "fp32", bench)
     assert name == "openvino" and "300 img/s" in why
@@ -186,3 +188,38 @@ def test_the_openvino_runtime_session_answers_like_onnxruntime(exported):
     child = subprocess.run([sys.executable, "-c", OV_VS_ORT, *paths], capture_output=True,
                            text=True)
     assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-3000:]
+
+
+def _here(path, rows, machine):
+    path.write_text(json.dumps({"rows": rows, "environment": {"machine": machine}}))
+    return path
+
+
+def test_auto_ignores_a_bench_report_from_another_machine(tmp_path, everything_available):
+    from pipeline.core.runtime import machine_fingerprint
+
+    rows = [row("cpu", "fp32", 32, 150, 0.99), row("openvino", "fp32", 32, 300, 0.99),
+            row("cuda", "fp32", 32, 900, 0.99)]
+    here = machine_fingerprint()
+    bench = _here(tmp_path / "bench.json", rows, here)
+    assert sessions.auto_provider(False, "fp32", bench)[0] == "cuda"
+    other = _here(tmp_path / "other.json", rows, {**here, "cpu": "Some Other CPU", "id": "0" * 16})
+    name, why = sessions.auto_provider(False, "fp32", other)
+    assert name == "cuda" and "measured on another machine (Some Other CPU" in why
+    assert "fixed order" in why
+    # a report that records no machine (older versions) is not trusted either
+    assert "another machine" in sessions.auto_provider(False, "fp32", report(tmp_path, rows))[1]
+
+
+def test_auto_does_not_pick_a_lossy_engine_when_the_report_lacks_a_cpu_fp32_row(
+        tmp_path, everything_available):
+    from pipeline.core.runtime import machine_fingerprint
+
+    rows = [row("openvino", "int8", 32, 449, 0.9517), row("cpu", "int8", 32, 301, 0.9888)]
+    bench = _here(tmp_path / "bench.json", rows, machine_fingerprint())
+    name, why = sessions.auto_provider(False, "int8", bench)
+    assert "fixed order" in why  # nothing to judge the rows against: the report is not used
+    rows.append({"engine": "pytorch", "provider": "cpu", "variant": "fp32 eager",
+                 "batch_size": 32, "throughput_ips": 45, "accuracy": 0.9963, "status": "ok"})
+    bench = _here(tmp_path / "bench.json", rows, machine_fingerprint())
+    assert sessions.auto_provider(False, "int8", bench)[0] == "cpu"

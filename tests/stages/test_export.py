@@ -161,7 +161,7 @@ def test_runner_matches_the_pytorch_model_and_training_preprocessing(exported):
     model, config = load_model(root / "model.safetensors", root / "model.json")
     pp = Preprocessing.from_dict(config["preprocessing"])
     x = np.stack([original_pixels(p, pp) for p in paths])
-    temperature = float(runner.contract.metadata["temperature"])  # fitted on val by export
+    temperature = runner.contract.values["temperature"]  # fitted on val by export
     with torch.no_grad():
         expected = torch.softmax(model(torch.from_numpy(x)) / temperature, 1).numpy()
     results = list(runner.predict_files(paths, top_k=3, batch_size=7))
@@ -186,11 +186,11 @@ def test_runner_matches_the_pytorch_model_and_training_preprocessing(exported):
 def test_probabilities_are_calibrated_on_val_and_the_figures_are_reported(exported):
     root, report = exported
     cal = report["calibration"]
-    meta = OnnxClassifier(root / "out" / "model.onnx").contract.metadata
+    meta = OnnxClassifier(root / "out" / "model.onnx").contract.values
     applied = cal["fit"]["applied"]
-    assert (meta["probability_calibration"], float(meta["temperature"])) == \
+    assert (meta["probability_calibration"], meta["temperature"]) == \
         ("temperature" if applied else "none", cal["temperature"])
-    assert cal["fitted_on"] == "val" and (cal["temperature"] != 1.0) == applied
+    assert (cal["temperature"] != 1.0) == applied
     assert applied == cal["fit"]["cross_fitted"]["passed"]
     assert ("fallback" in cal) == (not applied)
     val, test = cal["val"], cal["test"]
@@ -228,7 +228,7 @@ def test_calibration_none_exports_the_raw_softmax(exported, tmp_path):
     img = Image.open(paths[0]).convert("RGB")
     raw_model, calibrated = OnnxClassifier(tmp_path / "m.onnx"), \
         OnnxClassifier(root / "out" / "model.onnx")
-    assert raw_model.contract.metadata["temperature"] == "1.0"
+    assert raw_model.contract.values["temperature"] == 1.0
     x = raw_model.prepare(img)[None]
     probs, logits = raw_model.session.run(None, {"image": x})
     e = np.exp(logits - logits.max(1, keepdims=True))
@@ -317,7 +317,7 @@ def test_predict_cli_table_json_and_bad_images(exported, tmp_path):
     table = CliRunner().invoke(main, ["predict", "--model", model, str(folder)])
     assert table.exit_code == 0, table.output
     assert table.output.count(str(folder)) == 3 and "CPUExecutionProvider" in table.output
-    calibrated = OnnxClassifier(model).contract.metadata["probability_calibration"]
+    calibrated = OnnxClassifier(model).contract.values["probability_calibration"]
     assert ("probabilities calibrated, temperature" if calibrated == "temperature" else
             "probabilities not calibrated") in table.output
 
@@ -459,7 +459,23 @@ def test_export_params_reject_unknown_variant():
 
     with pytest.raises(ParamsError, match=r"export.variants\[0\] must be one of 'fp16', 'int8'"):
         parse_section(ExportParams, {"variants": ["bf16"]}, "export")
-    assert dataclasses.replace(ExportParams(), variants=()).variants == ()
+    assert parse_section(ExportParams, {"variants": []}, "export").variants == ()
+
+
+def test_one_variant_table_drives_export_and_its_params():
+    """Each variant export.variants may name has a file in the contract's table and a build
+    step and gate in export; nothing falls through to another variant's gate."""
+    import typing
+
+    from pipeline.core.config import Variant
+    from pipeline.onnx.contract import VARIANTS
+    from pipeline.stages.export import STEPS
+
+    assert set(typing.get_args(Variant)) == set(VARIANTS) - {"fixed"}
+    assert set(STEPS) == set(VARIANTS) | {"fp32"}
+    for name in typing.get_args(Variant):
+        assert STEPS[name].build is not None and VARIANTS[name].precision == name
+    assert STEPS["fp16"].gate is not STEPS["int8"].gate
 
 
 # --------------------------------------------------------------------------- interpret
@@ -721,3 +737,26 @@ def test_int8_weights_are_7_bit_by_default_and_8_bit_when_asked(exported, tmp_pa
     export_int8(fixed, tmp_path / "seven.onnx", calib, "minmax", reduce_range=True)
     low, high = weight_range(tmp_path / "seven.onnx")
     assert max(-low, high) <= 64
+
+
+def test_every_exported_file_loads_without_an_onnxruntime_warning(exported):
+    """No dead initializer or other graph leftover: onnxruntime, at its default log level
+    (warning), prints nothing when it loads any file export wrote (Python, Node and the
+    browser all print what it says)."""
+    import subprocess
+    import sys
+
+    root, _ = exported
+    files = sorted((root / "out").rglob("*.onnx"))
+    assert len(files) == 4
+    code = ("import sys, onnxruntime as ort\n"
+            "for f in sys.argv[1:]:\n"
+            "    o = ort.SessionOptions(); o.log_severity_level = 2\n"
+            "    ort.InferenceSession(f, o, providers=['CPUExecutionProvider'])\n")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
+    for f in files:
+        model = onnx.load(str(f))
+        used = {i for n in model.graph.node for i in n.input}
+        assert all(t.name in used for t in model.graph.initializer), f.name

@@ -87,7 +87,7 @@ def test_verification_catches_a_wrong_engine(prepared, tmp_path, monkeypatch):
 
     def off_by_a_bit(*args, **kwargs):
         extract, provider = real(*args, **kwargs)
-        return (lambda batch: extract(batch) + 1e-3), provider
+        return (lambda batch: extract(batch) * 1.001 + 1e-3), provider
 
     monkeypatch.setattr(features_module, "make_extractor", off_by_a_bit)
     with pytest.raises(PipelineError, match=r"features \(onnxruntime:CPUExecutionProvider\) differ from the PyTorch CPU reference"):
@@ -231,3 +231,22 @@ def test_gpu_features_match_the_cpu_cache(prepared, tmp_path, engine):
     diff = np.abs(np.load(tmp_path / "cpu" / "features.npy") -
                   np.load(tmp_path / "gpu" / "features.npy"))
     assert diff.max() <= 1e-4 and cpu["images"] == gpu["images"]
+
+
+def test_one_tolerance_rule_for_every_first_batch_check():
+    """Absolute up to outputs of magnitude 1, relative to the largest output above it; the
+    limit itself passes. Features and the cut cache use this one function."""
+    import numpy as np
+
+    from pipeline.onnx.convert import check_first_batch
+
+    small, large = np.full(3, 0.5), np.full(3, 50.0)
+    assert check_first_batch(small + 1e-4, small, 1e-4, "x", "fix") == pytest.approx(1e-4)
+    with pytest.raises(PipelineError, match=r"^x differ from the PyTorch CPU reference by "
+                       r"0\.0002 \(limit 0\.0001 x max\(1, max \|reference\|\)\); fix$"):
+        check_first_batch(small + 2e-4, small, 1e-4, "x", "fix")
+    assert check_first_batch(large + 4e-3, large, 1e-4, "x", "fix") == pytest.approx(4e-3)
+    with pytest.raises(PipelineError):
+        check_first_batch(large + 6e-3, large, 1e-4, "x", "fix")
+    with pytest.raises(PipelineError):  # NaN never passes
+        check_first_batch(small * np.nan, small, 1e-4, "x", "fix")

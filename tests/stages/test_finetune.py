@@ -353,3 +353,46 @@ def test_gpu_training_matches_cpu_and_reruns_and_resumes_to_the_same_bytes(proje
     assert finetune(project, gpu_params, tmp_path / "killed", cache=cache) == gpu
     assert (tmp_path / "killed" / "model.safetensors").read_bytes() == \
         (tmp_path / "gpu" / "model.safetensors").read_bytes()
+
+
+def test_each_epoch_trains_on_its_own_cached_view():
+    """Epoch 1 uses view 0, epoch 2 view 1, ... and after the last view the first again: the
+    schedule both paths share, pinned here (comparing the paths cannot see a shift in both)."""
+    from pipeline.core.augment import view_of_epoch
+    from pipeline.stages.finetune import CutSource
+
+    assert [view_of_epoch(e, 3) for e in range(1, 8)] == [0, 1, 2, 0, 1, 2, 0]
+    assert [view_of_epoch(e, 1) for e in (1, 2, 3)] == [0, 0, 0]
+
+    class Cache:  # two images x three views, each view filled with its own number
+        def array(self, name):
+            return np.stack([np.full((2, 1, 1), v, np.float32) for v in range(3)], axis=1)
+
+        def labels(self, name):
+            return np.array([0, 1])
+
+    source = CutSource(Cache())
+    for epoch, view in ((1, 0), (2, 1), (3, 2), (4, 0)):
+        (batch,) = source.train_batches(epoch, [[0, 1]])
+        assert torch.all(batch == view), (epoch, view)
+
+
+def test_the_cut_cache_records_the_keys_that_decide_its_bytes(project, tmp_path):
+    """batch_size is part of the key (onnxruntime's sums depend on it), threads are recorded
+    as the count used; another thread count still reads the cache (rounding only)."""
+    from pipeline.core.caches import cache_params
+    from pipeline.core.runtime import available_cpus
+
+    cache = build_cache(project, FAST, "cache_fast")
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["params"]["batch_size"] == FAST.batch_size and meta["params"]["threads"] == 2
+    assert cache_params(dataclasses.replace(FAST, threads=0))["threads"] == available_cpus()
+    with pytest.raises(PipelineError, match="finetune.batch_size = 8, but params say 4"):
+        finetune(project, dataclasses.replace(FAST, batch_size=4), tmp_path, cache=cache)
+    CutCache(cache).check_matches(*_split_for(FAST), dataclasses.replace(FAST, threads=1),
+                                  meta["manifest_sha256"])
+
+
+def _split_for(params):
+    backbone = build_backbone(TINY)
+    return backbone, split_backbone(backbone, params.blocks)

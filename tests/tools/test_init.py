@@ -14,12 +14,9 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.core.config import SECTIONS, load_params
-from pipeline.core.fingerprint import (
-    PACKAGE_ROOT,
-    STAGES,
-    stage_fingerprint,
-    write_fingerprints,
-)
+from pipeline.core.fingerprint import PACKAGE_ROOT, stage_fingerprint, write_fingerprints
+from pipeline.core.stage_table import MODULE_STAGES as STAGES
+from pipeline.core.stage_table import render_dvc_yaml
 
 from ..conftest import TINY_BACKBONE, make_image, sh
 
@@ -40,7 +37,7 @@ def invoke(*args: str):
 def test_template_runs_the_same_stages_as_this_repository():
     """The user-project dvc.yaml differs from this repo's only in how code is depended on."""
     repo = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    template = yaml.safe_load((PACKAGE_ROOT / "templates" / "dvc.yaml.tmpl").read_text())
+    template = yaml.safe_load(render_dvc_yaml(project=True))
     assert set(template["stages"]) == set(repo["stages"]) | {"code"}
     for name, stage in repo["stages"].items():
         mine = template["stages"][name]
@@ -184,7 +181,8 @@ def test_init_then_dvc_repro_then_predict(tmp_path, cli_env):
     assert (proj / "models" / "model.onnx").is_file() and (proj / "reports" / "model_card.md").is_file()
     second = sh(["dvc", "repro"], proj, cli_env)
     ran = set(__import__("re").findall(r"Running stage '(\w+)'", second))
-    assert ran == {"code"}, second  # only the fingerprint check; nothing else re-runs
+    # only the always-checked fingerprints of the code and the machine; nothing else re-runs
+    assert ran == {"code", "machine"}, second
 
     # the installed tool is upgraded (simulated: a changed copy first on the path)
     upgraded = copy_package(tmp_path / "upgraded")
@@ -193,7 +191,7 @@ def test_init_then_dvc_repro_then_predict(tmp_path, cli_env):
     env = dict(cli_env, PYTHONPATH=str(upgraded.parent))
     third = sh(["dvc", "repro"], proj, env)
     ran = set(__import__("re").findall(r"Running stage '(\w+)'", third))
-    assert ran == {"code", "card"}, third
+    assert ran == {"code", "machine", "card"}, third
 
     out = sh(["pipeline", "predict", "--model", "models/model.onnx", "--json",
               str(images / "class1" / "0.png")], proj, cli_env)
