@@ -202,3 +202,14 @@ def original_pixels(path: Path, pp) -> np.ndarray:
     from pipeline.core.preprocess import preprocess
 
     return preprocess(load_rgb(path), pp)
+
+
+class PicklePayload:
+    """Unpickling this runs code: it creates the file named in ``marker`` (a loader that
+    unpickles what a user hands it would run it)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

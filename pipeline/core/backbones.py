@@ -43,9 +43,10 @@ class Backbone:
     feature_dim: int
     block_groups: list[list[str]]  # parameter names per group, stem first, last block last
     model: Any  # torch.nn.Module in eval mode
+    layer: int | str = "last"  # features from the end of this block group, or the last layer
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "architecture": self.architecture,
             "weights": self.weights,
@@ -54,6 +55,9 @@ class Backbone:
             "num_block_groups": len(self.block_groups),
             "num_parameters": sum(int(p.numel()) for p in self.model.parameters()),
         }
+        if self.layer != "last":  # the full network's record stays as it always was
+            out["layer"] = self.layer
+        return out
 
 
 # --------------------------------------------------------------------------- public API
@@ -65,16 +69,22 @@ def registry_help() -> str:
 
 
 def build_backbone(params: BackboneParams) -> Backbone:
-    """Build the backbone named in ``params`` (eval mode, classifier removed)."""
+    """Build the backbone named in ``params`` (eval mode, classifier removed), cut after block
+    group ``params.layer`` when that is not ``last``."""
+    from .blocks import truncate_backbone
+
     name = params.name.strip()
-    if name in _EMBEDDED:
-        return _EMBEDDED[name](params.weights)
     family, _, arch = name.partition(":")
-    if family == "torchvision" and arch:
-        return _build_torchvision(arch, params.weights)
-    if family == "timm" and arch:
-        return _build_timm(arch, params.weights, name=name)
-    raise PipelineError(f"backbone.name: unknown backbone {name!r}; valid: {registry_help()}")
+    if name in _EMBEDDED:
+        backbone = _EMBEDDED[name](params.weights)
+    elif family == "torchvision" and arch:
+        backbone = _build_torchvision(arch, params.weights)
+    elif family == "timm" and arch:
+        backbone = _build_timm(arch, params.weights, name=name)
+    else:
+        raise PipelineError(f"backbone.name: unknown backbone {name!r}; valid: "
+                            f"{registry_help()}")
+    return truncate_backbone(backbone, params.layer)
 
 
 def is_local_weights(weights: str) -> bool:

@@ -84,7 +84,7 @@ def sequential_batches(n: int, batch_size: int) -> list[list[int]]:
 def check_same_backbone(expected: dict[str, Any], found: dict[str, Any], source: str,
                         fix: str) -> None:
     """Refuse ``found`` (a head's or cache's backbone record) unless it matches ``expected``."""
-    for key in ("name", "architecture", "weights", "feature_dim", "preprocessing"):
+    for key in ("name", "architecture", "weights", "layer", "feature_dim", "preprocessing"):
         if expected.get(key) != found.get(key):
             raise PipelineError(f"{source} was made for backbone {key} {found.get(key)!r}, but "
                                 f"this run uses {expected.get(key)!r}; {fix}")

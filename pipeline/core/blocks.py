@@ -7,12 +7,14 @@ maps each module to its block group, and cuts the list so that ``suffix(prefix(x
 backbone(x)``. Every split is checked numerically; an architecture whose forward is not such a
 chain (e.g. one with a class token) gets a clear error instead of a silently wrong model.
 
-Used by ``cut_cache`` (runs the prefix once) and ``finetune`` (trains the suffix and the head).
+Used by ``cut_cache`` (runs the prefix once) and ``finetune`` (trains the suffix and the head),
+and by :func:`truncate_backbone`: features from an earlier block group (``backbone.layer``),
+the network ending there, globally pooled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Union
 
 import torch
@@ -173,3 +175,56 @@ def set_bn_modes(split: Split, train_bn: bool) -> None:
             module.train(train_bn)
         else:
             module.train(True)
+
+
+def _is_global_pool(module: nn.Module) -> bool:
+    """torch's adaptive pools and timm's ``SelectAdaptivePool2d`` (its models' global pool)."""
+    return (isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+            or type(module).__name__ == "SelectAdaptivePool2d")
+
+
+def resolve_layer(layer: Blocks, num_groups: int, backbone_name: str) -> int | None:
+    """``backbone.layer`` (0..G-1 or 'last') -> the last block group kept, None for the whole
+    network, with a clear error."""
+    if layer == "last":
+        return None
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < num_groups:
+        raise ParamsError(f"backbone.layer must be 0..{num_groups - 1} (the block groups of "
+                          f"{backbone_name}) or 'last' (got {layer!r})")
+    return layer
+
+
+def truncate_backbone(backbone: Backbone, layer: Blocks) -> Backbone:
+    """The backbone ending after block group ``layer``, its output globally pooled: modules
+    of later groups become identities (parameter names of the kept ones do not change, so
+    weights, the block split and exports work as for the whole network); ``last``: as is."""
+    keep = resolve_layer(layer, len(backbone.block_groups), backbone.name)
+    if keep is None:
+        return backbone
+    model = backbone.model
+    modules = ordered_modules(model)
+    groups = _group_of_modules(modules, backbone.block_groups, backbone.architecture)
+    pools = [i for i, (_, m) in enumerate(modules) if _is_global_pool(m)]
+    if not pools:
+        raise PipelineError(f"{backbone.architecture}: no global pooling layer to pool an "
+                            "earlier block group's output; use backbone.layer: last")
+    for (name, module), group in zip(modules, groups):
+        if group > keep and any(True for _ in module.parameters()):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, nn.Identity())
+    kept = {n for n, _ in model.named_parameters()}
+    block_groups = [[n for n in g if n in kept] for g in backbone.block_groups[:keep + 1]]
+    size = backbone.preprocessing.input_size
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, 3, size, size))
+    except RuntimeError as exc:  # a forward that is not a chain of its modules
+        out, why = None, str(exc).splitlines()[0][:200]
+    else:
+        why = f"gives shape {tuple(out.shape)}, not pooled features"
+    if out is None or out.ndim != 2:
+        raise PipelineError(f"{backbone.architecture}: cut after block group {keep}, its "
+                            f"forward {why}; use backbone.layer: last")
+    return replace(backbone, feature_dim=int(out.shape[1]), block_groups=block_groups,
+                   model=model, layer=keep)

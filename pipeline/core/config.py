@@ -69,6 +69,8 @@ class BackboneParams:
     name: str = param(EMBEDDED_DEFAULT, help="registry name: efficientnet_lite0, "
                       "torchvision:<model>, timm:<model>")
     weights: str = param("default", help="default | none | torchvision enum name | local file")
+    layer: Union[int, Literal["last"]] = param("last", ge=0, help="features from the end of "
+                                               "this block group (0 = stem) or the last layer")
 
     def validate(self, section: str) -> None:
         if not self.name.strip():

@@ -63,7 +63,8 @@ def load_model(weights_path: str | Path, config_path: str | Path) -> tuple[Class
     config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     if config.get("format") != MODEL_FORMAT:
         raise PipelineError(f"{config_path}: not a model config written by `pipeline finetune`")
-    backbone = build_backbone(BackboneParams(name=config["backbone"]["name"], weights="none"))
+    backbone = build_backbone(BackboneParams(name=config["backbone"]["name"], weights="none",
+                                             layer=config["backbone"].get("layer", "last")))
     state = load_file(str(weights_path))
     backbone.model.load_state_dict(
         {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})

@@ -57,6 +57,8 @@ FIELDS: tuple[Field, ...] = (
     Field("temperature", lambda t: repr(float(t)), float),
     Field("backbone"),
     Field("backbone_weights"),
+    # last | the block group the features end at (an int)
+    Field("backbone_layer", _text, lambda s: int(s) if s.isdigit() else s),
     Field("pipeline_version"),
     Field("training_metrics", json.dumps, json.loads),
     Field("training_manifest_sha256"),

@@ -110,7 +110,11 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
     lines += ["## Training", "",
               f"* Backbone `{backbone['architecture']}`, weights: {backbone['weights']}; "
               f"{backbone['num_parameters']:,} parameters, {backbone['num_block_groups']} "
-              "block groups."]
+              "block groups; " + ("features from its last layer." if "layer" not in backbone
+                                  else f"features from the end of block group "
+                                  f"{backbone['layer']} (`backbone.layer`), globally pooled, "
+                                  f"{backbone['feature_dim']} per image; later groups are "
+                                  "not in the model.")]
     head_cfg = config.get("head", {})
     lines.append(f"* Head: {head_cfg.get('kind', 'linear')} on {head_cfg.get('in_features', '?')} "
                  "features, first trained on the cached features of the frozen backbone "

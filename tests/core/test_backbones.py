@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from pipeline.core.backbones import build_backbone, load_weights_file
+
+from ..conftest import PicklePayload
 from pipeline.core.config import BackboneParams
 from pipeline.core.errors import PipelineError
 
@@ -79,27 +81,17 @@ def test_weights_of_wrong_architecture_are_refused(tmp_path):
         tiny(weights=str(path))
 
 
-class _Evil:
-    """Unpickling this runs code: it creates the file named in ``marker``."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickled_objects_are_never_unpickled(tmp_path):
     marker = tmp_path / "payload_ran"
     path = tmp_path / "evil.pt"
-    torch.save({"x": _Evil(str(marker))}, str(path))
+    torch.save({"x": PicklePayload(str(marker))}, str(path))
     with pytest.raises(PipelineError, match="pickles are refused"):
         load_weights_file(path)
     assert not marker.exists()  # the payload did not run (not only a message)
     # the resume state is loaded the same way: a tampered file runs nothing either
     from pipeline.core.training import load_resume
 
-    torch.save({"key": "k", "x": _Evil(str(marker))}, str(tmp_path / "resume.pt"))
+    torch.save({"key": "k", "x": PicklePayload(str(marker))}, str(tmp_path / "resume.pt"))
     with pytest.raises(Exception):
         load_resume(tmp_path / "resume.pt", "k")
     assert not marker.exists()

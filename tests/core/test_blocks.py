@@ -194,3 +194,54 @@ def test_batchnorm_of_the_suffix_follows_train_bn_and_the_prefix_stays_in_eval(t
     others = [m for m in split.suffix.modules() if not isinstance(m, nn.BatchNorm2d)]
     assert bns and all(m.training is train_bn for m in bns)
     assert all(m.training for m in others)  # dropout trains
+
+
+# --------------------------------------------------------------------------- backbone.layer
+
+
+def test_an_earlier_layer_ends_the_network_there_and_pools_it():
+    from pipeline.core.blocks import truncate_backbone
+
+    full = backbone()
+    assert truncate_backbone(full, "last") is full and "layer" not in full.describe()
+    b = truncate_backbone(backbone(), 1)
+    assert b.layer == 1 and b.describe()["layer"] == 1 and b.feature_dim == 4
+    assert isinstance(b.model.blocks[1], nn.Identity) and not isinstance(b.model.blocks[0],
+                                                                         nn.Identity)
+    assert [len(g) for g in b.block_groups] == [2, 4]  # stem, blocks.0: names unchanged
+    assert sorted(n for g in b.block_groups for n in g) == sorted(
+        n for n, _ in b.model.named_parameters())
+    ref = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = torch.flatten(ref.pool(ref.act(ref.blocks[0](ref.stem(x)))), 1)
+        assert torch.allclose(b.model(x), expected, atol=1e-6)
+    # fine-tuning the last group of the cut network trains blocks.0
+    assert split_backbone(b, 1).cut_module == "blocks.0"
+    stem_only = truncate_backbone(backbone(), 0)
+    assert [len(g) for g in stem_only.block_groups] == [2] and stem_only.feature_dim == 4
+
+
+@pytest.mark.parametrize("layer", [3, -1, True, "first"])
+def test_a_layer_out_of_range_names_the_key_and_the_range(layer):
+    from pipeline.core.blocks import truncate_backbone
+
+    with pytest.raises(ParamsError) as error:
+        truncate_backbone(backbone(), layer)
+    assert str(error.value) == (f"backbone.layer must be 0..2 (the block groups of net) or "
+                                f"'last' (got {layer!r})")
+
+
+def test_a_network_without_global_pooling_cannot_give_earlier_features():
+    from pipeline.core.blocks import truncate_backbone
+
+    class NoPool(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.Flatten()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pool(self.blocks(self.stem(x)))
+
+    with pytest.raises(PipelineError, match="no global pooling layer"):
+        truncate_backbone(backbone(NoPool()), 1)

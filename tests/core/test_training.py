@@ -17,6 +17,8 @@ from pipeline.core.training import (
     warmup_cosine,
 )
 
+from ..conftest import PicklePayload
+
 
 def test_no_weight_decay_on_one_dimensional_tensors():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
@@ -87,23 +89,13 @@ def test_best_state_keeps_a_copy_not_a_view():
     assert best.offer(3, (0.6, -math.inf)) and best.epoch == 3
 
 
-class _Payload:
-    """Unpickling this runs code: it creates the file named in ``marker``."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_tampered_resume_file_runs_nothing(tmp_path):
     """The resume state is loaded with weights_only=True: a pickled object in it is refused,
     its code never runs; a state written by save_resume loads back for its own key only."""
     from pipeline.core.training import load_resume, save_resume
 
     marker = tmp_path / "payload_ran"
-    torch.save({"key": "k", "x": _Payload(str(marker))}, str(tmp_path / "resume.pt"))
+    torch.save({"key": "k", "x": PicklePayload(str(marker))}, str(tmp_path / "resume.pt"))
     with pytest.raises(Exception, match="Weights only load failed"):
         load_resume(tmp_path / "resume.pt", "k")
     assert not marker.exists()

@@ -25,6 +25,7 @@ def values() -> dict:
         "std": (0.5, 0.5, 0.5), "outputs": ["probabilities"], "precision": "fp32",
         "probability_calibration": "none",
         "temperature": 1.0, "backbone": "efficientnet_lite0", "backbone_weights": "default",
+        "backbone_layer": 5,
         "pipeline_version": "0.1.0", "training_metrics": {"test_accuracy": 0.9},
         "training_manifest_sha256": "ab", "finetune": {"blocks": 2},
     }

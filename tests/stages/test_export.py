@@ -760,3 +760,59 @@ def test_every_exported_file_loads_without_an_onnxruntime_warning(exported):
         model = onnx.load(str(f))
         used = {i for n in model.graph.node for i in n.input}
         assert all(t.name in used for t in model.graph.initializer), f.name
+
+
+def test_features_from_an_earlier_block_group_go_through_training_and_export(tmp_path):
+    """backbone.layer k: the cut network's pooled features are cached, the head and the
+    fine-tuning of its last group train on them, and export ships that network with the same
+    raw-pixel contract and checks; the contract and the card say which layer."""
+    from pipeline.core.config import (
+        BackboneParams,
+        FeaturesParams,
+        FinetuneParams,
+        PrepareParams,
+        TrainHeadParams,
+    )
+    from pipeline.core.backbones import build_backbone
+    from pipeline.stages.export import run as export
+    from pipeline.stages.features import run as extract_features
+    from pipeline.stages.finetune import run as finetune
+    from pipeline.stages.prepare import run as prepare
+    from pipeline.stages.train_head import run as train_head
+
+    from ..conftest import TINY_BACKBONE
+
+    full = build_backbone(BackboneParams(**TINY_BACKBONE))
+    layer = len(full.block_groups) - 3
+    backbone = BackboneParams(**TINY_BACKBONE, layer=layer)
+    cut = build_backbone(backbone)
+    assert cut.feature_dim < full.feature_dim and len(cut.block_groups) == layer + 1
+    root = tmp_path
+    prepare(PrepareParams(source="sklearn-digits", max_images_per_class=6, val_fraction=0.2,
+                          test_fraction=0.2), root / "prepared")
+    extract_features(backbone, FeaturesParams(batch_size=16, threads=2), root / "prepared",
+                     root / "features")
+    meta = json.loads((root / "features" / "meta.json").read_text())
+    assert meta["backbone"]["layer"] == layer
+    assert meta["feature_shape"][1] == cut.feature_dim
+    train_head(TrainHeadParams(epochs=10, threads=2), root / "features",
+               root / "head.safetensors", root / "head.json", root / "hm.json", root / "hp")
+    finetune(backbone, FinetuneParams(blocks=1, epochs=1, warmup_epochs=0, mode="classic",
+                                      threads=2, batch_size=8),
+             root / "prepared", root / "none", root / "head.safetensors", root / "head.json",
+             root / "model.safetensors", root / "model.json", root / "fm.json", root / "fp")
+    report = export(ExportParams(threads=2, variants=()), root / "model.safetensors",
+                    root / "model.json", root / "prepared", root / "out" / "model.onnx",
+                    root / "out" / "variants", root / "export.json")
+    assert report["variants"]["fp32"]["passed"] and report["variants"]["fixed"]["passed"]
+    assert report["preprocessing"]["odd_size_top1_agreement"] == 1.0
+    runner = OnnxClassifier(root / "out" / "model.onnx")
+    assert runner.contract.values["backbone_layer"] == layer
+    # a head trained on another layer's features is refused, naming the key
+    with pytest.raises(PipelineError, match="backbone layer"):
+        finetune(BackboneParams(**TINY_BACKBONE), FinetuneParams(blocks=1, epochs=1,
+                                                                 warmup_epochs=0,
+                                                                 mode="classic", threads=2),
+                 root / "prepared", root / "none", root / "head.safetensors",
+                 root / "head.json", tmp_path / "m2.safetensors", tmp_path / "m2.json",
+                 tmp_path / "fm2.json", tmp_path / "fp2")
