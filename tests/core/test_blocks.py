@@ -245,3 +245,30 @@ def test_a_network_without_global_pooling_cannot_give_earlier_features():
 
     with pytest.raises(PipelineError, match="no global pooling layer"):
         truncate_backbone(backbone(NoPool()), 1)
+
+
+def test_shape_checks_hold_both_ways_and_only_pooled_maps_are_flattened():
+    class Narrower(Net):  # the forward's output has fewer columns than the chain's
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[:, :2]
+
+    with pytest.raises(PipelineError, match=r"got shape \(2, 4\), expected \(2, 2\)"):
+        split_backbone(backbone(Narrower()), 1)
+    assert Flatten4D()(torch.ones(2, 5, 3)).shape == (2, 5, 3)
+
+
+def test_a_cut_that_breaks_the_forward_is_a_one_line_error():
+    from pipeline.core.blocks import truncate_backbone
+
+    class Widening(Net):  # blocks.1 doubles the channels and the stem is added back after it
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks[1] = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = self.stem(x)
+            return torch.flatten(self.pool(self.blocks(s) + s.repeat(1, 2, 1, 1)), 1)
+
+    with pytest.raises(PipelineError, match=r"^hand-built: cut after block group 1, its "
+                       r"forward .*use backbone.layer: last$"):
+        truncate_backbone(backbone(Widening()), 1)

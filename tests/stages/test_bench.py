@@ -258,3 +258,26 @@ def test_the_report_records_the_machine_it_was_measured_on(exported, tmp_path):
         time_budget_s=0.2, warmup=0, threads=2, pytorch=False))
     assert report["environment"]["machine"] == machine_fingerprint()
     assert report["rows"][0]["openvino_backend"] is None
+
+
+def test_the_fastest_path_is_the_lowest_latency_at_batch_one_and_names_its_arithmetic():
+    """Latency: the accurate batch-1 row with the lowest p50 (not the highest); throughput:
+    the most img/s at any batch; GFLOP/s = img/s x GFLOP per image, as a share of the peak."""
+    from pipeline.stages.bench import fastest, ratios
+
+    rows = [_row("onnxruntime", "cpu", "fp32", 1, 100.0, 0.99),
+            _row("onnxruntime", "cpu", "int8", 1, 200.0, 0.985),
+            _row("onnxruntime", "openvino", "fp32", 1, 150.0, 0.99),
+            _row("onnxruntime", "cpu", "int8", 8, 400.0, 0.985),
+            _row("onnxruntime", "cpu", "fp32", 8, 120.0, 0.99)]
+    rows[2]["p50_ms"] = 9.0  # slower per image than its img/s suggests: p50 decides latency
+    out = fastest(rows, {"gflop_per_image": 0.5, "cpu_peak_gflops": 400.0})
+    assert (out["cpu_latency"]["variant"], out["cpu_latency"]["p50_ms"]) == ("int8", 5.0)
+    assert out["cpu_throughput"]["batch_size"] == 8
+    assert out["cpu_throughput"]["sustained_gflops"] == 200.0
+    assert out["cpu_throughput"]["share_of_fp32_peak"] == 0.5
+    assert "gpu_latency" not in out and "sustained_gflops" not in fastest(rows, {})["cpu_latency"]
+    # the best CPU path at a batch size is compared at that size, not with other sizes' rows
+    r = ratios(rows + [_row("onnxruntime", "openvino", "fp16", 1, 900.0, 0.99)])
+    assert r["best_cpu_path_over_cpu_fp32_b1"] == 9.0
+    assert r["best_cpu_path_over_cpu_fp32_b8"] == round(400 / 120, 2)
