@@ -111,6 +111,22 @@ def _to_fixture_cache(name: str, root: Path) -> None:
         shutil.copytree(root, Path(FIXTURE_CACHE) / name)
 
 
+def train_tiny_model(root: Path, backbone: BackboneParams, per_class: int,
+                     head_epochs: int) -> None:
+    """prepare -> features -> train_head -> one classic fine-tuning epoch of the last block
+    group, into ``root`` (``model.safetensors`` + ``model.json`` for export)."""
+    prepare(PrepareParams(source="sklearn-digits", max_images_per_class=per_class,
+                          val_fraction=0.2, test_fraction=0.2), root / "prepared")
+    extract_features(backbone, FeaturesParams(batch_size=16, threads=2), root / "prepared",
+                     root / "features")
+    train_head(TrainHeadParams(epochs=head_epochs, threads=2), root / "features",
+               root / "head.safetensors", root / "head.json", root / "hm.json", root / "hp")
+    finetune_run(backbone, FinetuneParams(blocks=1, epochs=1, warmup_epochs=0, mode="classic",
+                                          threads=2, batch_size=8),
+                 root / "prepared", root / "none", root / "head.safetensors", root / "head.json",
+                 root / "model.safetensors", root / "model.json", root / "fm.json", root / "fp")
+
+
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """A tiny fine-tuned model (random-init test backbone) exported with both variants."""
@@ -130,19 +146,9 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     if _from_fixture_cache("exported", root):
         return root, json.loads((root / "export.json").read_text(encoding="utf-8"))
-    backbone = BackboneParams(**TINY_BACKBONE)
     # 20 digits per class: the model beats chance by far (test about 0.7; chance 0.1), so a
     # broken variant shows as lost agreement, not as noise around chance
-    prepare(PrepareParams(source="sklearn-digits", max_images_per_class=20, val_fraction=0.2,
-                          test_fraction=0.2), root / "prepared")
-    extract_features(backbone, FeaturesParams(batch_size=16, threads=2), root / "prepared",
-                     root / "features")
-    train_head(TrainHeadParams(epochs=60, threads=2), root / "features",
-               root / "head.safetensors", root / "head.json", root / "hm.json", root / "hp")
-    finetune(backbone, FinetuneParams(blocks=1, epochs=1, warmup_epochs=0, mode="classic",
-                                      threads=2, batch_size=8),
-             root / "prepared", root / "none", root / "head.safetensors", root / "head.json",
-             root / "model.safetensors", root / "model.json", root / "fm.json", root / "fp")
+    train_tiny_model(root, BackboneParams(**TINY_BACKBONE), per_class=20, head_epochs=60)
     # 40 test images: one image is 2.5 points, so INT8 may lose two of them here; this random-
     # init network loses three with 7-bit weights, so the fixture quantises with 8-bit ones
     report = export(ExportParams(threads=2, int8_max_accuracy_drop=0.05,

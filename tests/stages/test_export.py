@@ -766,21 +766,14 @@ def test_features_from_an_earlier_block_group_go_through_training_and_export(tmp
     """backbone.layer k: the cut network's pooled features are cached, the head and the
     fine-tuning of its last group train on them, and export ships that network with the same
     raw-pixel contract and checks; the contract and the card say which layer."""
-    from pipeline.core.config import (
-        BackboneParams,
-        FeaturesParams,
-        FinetuneParams,
-        PrepareParams,
-        TrainHeadParams,
-    )
     from pipeline.core.backbones import build_backbone
+    from pipeline.core.config import BackboneParams, FinetuneParams
+    from pipeline.core.dataset import read_prepared
+    from pipeline.stages.card import render
     from pipeline.stages.export import run as export
-    from pipeline.stages.features import run as extract_features
     from pipeline.stages.finetune import run as finetune
-    from pipeline.stages.prepare import run as prepare
-    from pipeline.stages.train_head import run as train_head
 
-    from ..conftest import TINY_BACKBONE
+    from ..conftest import TINY_BACKBONE, train_tiny_model
 
     full = build_backbone(BackboneParams(**TINY_BACKBONE))
     layer = len(full.block_groups) - 3
@@ -788,19 +781,10 @@ def test_features_from_an_earlier_block_group_go_through_training_and_export(tmp
     cut = build_backbone(backbone)
     assert cut.feature_dim < full.feature_dim and len(cut.block_groups) == layer + 1
     root = tmp_path
-    prepare(PrepareParams(source="sklearn-digits", max_images_per_class=6, val_fraction=0.2,
-                          test_fraction=0.2), root / "prepared")
-    extract_features(backbone, FeaturesParams(batch_size=16, threads=2), root / "prepared",
-                     root / "features")
+    train_tiny_model(root, backbone, per_class=6, head_epochs=10)
     meta = json.loads((root / "features" / "meta.json").read_text())
     assert meta["backbone"]["layer"] == layer
     assert meta["feature_shape"][1] == cut.feature_dim
-    train_head(TrainHeadParams(epochs=10, threads=2), root / "features",
-               root / "head.safetensors", root / "head.json", root / "hm.json", root / "hp")
-    finetune(backbone, FinetuneParams(blocks=1, epochs=1, warmup_epochs=0, mode="classic",
-                                      threads=2, batch_size=8),
-             root / "prepared", root / "none", root / "head.safetensors", root / "head.json",
-             root / "model.safetensors", root / "model.json", root / "fm.json", root / "fp")
     report = export(ExportParams(threads=2, variants=()), root / "model.safetensors",
                     root / "model.json", root / "prepared", root / "out" / "model.onnx",
                     root / "out" / "variants", root / "export.json")
@@ -808,6 +792,10 @@ def test_features_from_an_earlier_block_group_go_through_training_and_export(tmp
     assert report["preprocessing"]["odd_size_top1_agreement"] == 1.0
     runner = OnnxClassifier(root / "out" / "model.onnx")
     assert runner.contract.values["backbone_layer"] == layer
+    config = json.loads((root / "model.json").read_text())
+    card = render(root / "out" / "model.onnx", config, read_prepared(root / "prepared")[0],
+                  None, None, report, None, None)
+    assert f"features from the end of block group {layer} (`backbone.layer`)" in card
     # a head trained on another layer's features is refused, naming the key
     with pytest.raises(PipelineError, match="backbone layer"):
         finetune(BackboneParams(**TINY_BACKBONE), FinetuneParams(blocks=1, epochs=1,
