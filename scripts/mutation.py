@@ -92,7 +92,11 @@ MODULES: tuple[Module, ...] = (
             "tests/stages/test_bench.py"), 240,
            ("summary_lines", "_best_cpu_path", "fastest", "ratios", "headline")),
     Module("sessions (accurate rows, provider choice)", "pipeline/onnx/sessions.py",
-           ("tests/onnx/test_sessions.py",), 120,
+           ("tests/onnx/test_sessions.py",
+            "tests/stages/test_bench.py::test_without_a_cpu_fp32_row_the_reference_is_pytorch_"
+            "and_without_either_nothing_counts",
+            "tests/stages/test_bench.py::test_the_summary_ratios_headline_and_fastest_path_never_"
+            "advertise_an_inaccurate_file"), 120,
            ("reference_accuracy", "accurate_rows", "auto_provider", "resolve_providers")),
     Module("blocks", "pipeline/core/blocks.py",
            ("tests/core/test_blocks.py", "tests/stages/test_finetune.py"), 240),

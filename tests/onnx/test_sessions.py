@@ -223,3 +223,22 @@ def test_auto_does_not_pick_a_lossy_engine_when_the_report_lacks_a_cpu_fp32_row(
                  "batch_size": 32, "throughput_ips": 45, "accuracy": 0.9963, "status": "ok"})
     bench = _here(tmp_path / "bench.json", rows, machine_fingerprint())
     assert sessions.auto_provider(False, "int8", bench)[0] == "cpu"
+
+
+
+def test_openvino_runs_alone_or_not_at_all(everything_available):
+    """The plugin EP cannot share a session: first, it gets CPU as its only fallback;
+    anywhere else, it is dropped and the others keep their order."""
+    assert sessions.resolve_providers(["openvino", "cuda", "cpu"]) == ["openvino", "cpu"]
+    assert sessions.resolve_providers(["cuda", "openvino", "cpu"]) == ["cuda", "cpu"]
+    assert sessions.resolve_providers(["tensorrt", "openvino", "cpu"]) == ["tensorrt", "cpu"]
+    assert sessions.resolve_providers(["cpu", "openvino"]) == ["cpu"]
+
+
+def test_only_onnxruntime_rows_that_ran_are_ever_accurate():
+    rows = [row("cpu", "fp32", 8, 100, 0.99), row("cpu", "fp32", 1, 50, 0.50, "fallback"),
+            {"engine": "pytorch", "provider": "cpu", "variant": "fp32 eager", "batch_size": 8,
+             "throughput_ips": 900, "accuracy": 0.99, "status": "ok"}]
+    assert sessions.reference_accuracy(rows) == 0.99
+    assert sessions.accurate_rows(rows) == [rows[0]]
+    assert sessions.reference_accuracy([rows[1]]) is None

@@ -271,13 +271,28 @@ def test_the_fastest_path_is_the_lowest_latency_at_batch_one_and_names_its_arith
             _row("onnxruntime", "cpu", "int8", 8, 400.0, 0.985),
             _row("onnxruntime", "cpu", "fp32", 8, 120.0, 0.99)]
     rows[2]["p50_ms"] = 9.0  # slower per image than its img/s suggests: p50 decides latency
-    out = fastest(rows, {"gflop_per_image": 0.5, "cpu_peak_gflops": 400.0})
+    out = fastest(rows, {"gflop_per_image": 0.5, "cpu_peak_gflops": 300.0})
     assert (out["cpu_latency"]["variant"], out["cpu_latency"]["p50_ms"]) == ("int8", 5.0)
     assert out["cpu_throughput"]["batch_size"] == 8
     assert out["cpu_throughput"]["sustained_gflops"] == 200.0
-    assert out["cpu_throughput"]["share_of_fp32_peak"] == 0.5
+    assert out["cpu_throughput"]["share_of_fp32_peak"] == 0.667
     assert "gpu_latency" not in out and "sustained_gflops" not in fastest(rows, {})["cpu_latency"]
     # the best CPU path at a batch size is compared at that size, not with other sizes' rows
     r = ratios(rows + [_row("onnxruntime", "openvino", "fp16", 1, 900.0, 0.99)])
     assert r["best_cpu_path_over_cpu_fp32_b1"] == 9.0
     assert r["best_cpu_path_over_cpu_fp32_b8"] == round(400 / 120, 2)
+
+
+def test_without_batch_one_rows_the_throughput_path_is_still_named_and_gpus_stay_apart():
+    from pipeline.stages.bench import fastest, ratios
+
+    rows = [_row("onnxruntime", "cpu", "fp32", 8, 100.0, 0.99),
+            _row("onnxruntime", "cpu", "int8", 8, 150.0, 0.99),
+            _row("onnxruntime", "cuda", "fp32", 8, 9000.0, 0.99),
+            _row("onnxruntime", "cuda", "fp32", 1, 5000.0, 0.99),
+            _row("onnxruntime", "cpu", "fp32", 1, 90.0, 0.99)]
+    out = fastest(rows[:3], {})
+    assert "cpu_latency" not in out and out["cpu_throughput"]["variant"] == "int8"
+    assert out["gpu_throughput"]["provider"] == "cuda"
+    r = ratios(rows)  # a GPU row is never the best CPU path
+    assert r["best_cpu_path_over_cpu_fp32_b8"] == 1.5 and r["best_cpu_path_over_cpu_fp32_b1"] == 1.0
