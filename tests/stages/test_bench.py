@@ -296,3 +296,14 @@ def test_without_batch_one_rows_the_throughput_path_is_still_named_and_gpus_stay
     assert out["gpu_throughput"]["provider"] == "cuda"
     r = ratios(rows)  # a GPU row is never the best CPU path
     assert r["best_cpu_path_over_cpu_fp32_b8"] == 1.5 and r["best_cpu_path_over_cpu_fp32_b1"] == 1.0
+
+
+def test_a_device_whose_pytorch_rows_did_not_run_has_no_comparison():
+    from pipeline.stages.bench import summary_lines
+
+    rows = LOSSY + [_row("onnxruntime", "cuda", "fp32", 32, 9000.0, 0.9963),
+                    {"engine": "pytorch", "provider": "cuda", "variant": "fp32 eager",
+                     "batch_size": 32, "status": "unavailable",
+                     "reason": "torch sees no CUDA device"}]
+    lines = summary_lines(rows)
+    assert lines[1] == ("cuda: no comparison (accurate onnxruntime rows: 1, PyTorch rows ok: 0)")
