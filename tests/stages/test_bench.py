@@ -201,8 +201,11 @@ def test_openvino_rows_run_through_the_plugin_or_say_why_not(exported, tmp_path)
 
 
 def _row(engine, provider, variant, batch, ips, accuracy, status="ok"):
-    return {"engine": engine, "provider": provider, "variant": variant, "batch_size": batch,
-            "throughput_ips": ips, "accuracy": accuracy, "status": status, "p50_ms": 1000 / ips}
+    """A row as ``bench.json`` gives it back: its strings are not the interned literals of
+    the code, so an ``is`` comparison in place of ``==`` fails as it would on real reports."""
+    return json.loads(json.dumps({
+        "engine": engine, "provider": provider, "variant": variant, "batch_size": batch,
+        "throughput_ips": ips, "accuracy": accuracy, "status": status, "p50_ms": 1000 / ips}))
 
 
 LOSSY = [  # OpenVINO INT8 is the fastest row by far but 4.5 points less accurate
@@ -296,6 +299,10 @@ def test_without_batch_one_rows_the_throughput_path_is_still_named_and_gpus_stay
     assert out["gpu_throughput"]["provider"] == "cuda"
     r = ratios(rows)  # a GPU row is never the best CPU path
     assert r["best_cpu_path_over_cpu_fp32_b8"] == 1.5 and r["best_cpu_path_over_cpu_fp32_b1"] == 1.0
+    # a machine with no accurate CPU row still names its GPU path
+    gpu_only = fastest([_row("pytorch", "cpu", "fp32 eager", 8, 40.0, 0.99), rows[2]], {})
+    assert list(gpu_only) == ["gpu_throughput"]
+    assert gpu_only["gpu_throughput"]["throughput_ips"] == 9000.0
 
 
 def test_a_device_whose_pytorch_rows_did_not_run_has_no_comparison():
