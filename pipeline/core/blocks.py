@@ -228,3 +228,40 @@ def truncate_backbone(backbone: Backbone, layer: Blocks) -> Backbone:
                             f"forward {why}; use backbone.layer: last")
     return replace(backbone, feature_dim=int(out.shape[1]), block_groups=block_groups,
                    model=model, layer=keep)
+
+
+class GroupFeatures(nn.Module):
+    """The backbone's pooled output at the end of every block group, in one forward.
+
+    Output ``k`` is what :func:`truncate_backbone` at layer ``k`` returns: the chain up to the
+    group's last module, then the later modules that have no parameters (activations, the
+    global pool, flatten); the last output is the whole network's features."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        modules = ordered_modules(backbone.model)
+        groups = _group_of_modules(modules, backbone.block_groups, backbone.architecture)
+        self.chain = Chain(modules)
+        self.ends = [max(i for i, g in enumerate(groups) if g == k)
+                     for k in range(len(backbone.block_groups)) if k in groups]
+        if len(self.ends) != len(backbone.block_groups):
+            raise PipelineError(f"{backbone.architecture}: a block group owns no module; "
+                                "layers cannot be compared for it")
+        self.free = [not any(True for _ in m.parameters()) for _, m in modules]
+        if not any(_is_global_pool(m) for _, m in modules):
+            raise PipelineError(f"{backbone.architecture}: no global pooling layer to pool an "
+                                "earlier block group's output")
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        steps = list(self.chain.steps)
+        outputs: list[torch.Tensor] = []
+        for i, step in enumerate(steps):
+            x = step(x)
+            if i in self.ends[:-1]:
+                y = x
+                for j in range(i + 1, len(steps)):
+                    if self.free[j]:
+                        y = steps[j](y)
+                outputs.append(y)
+        outputs.append(x)
+        return outputs

@@ -234,6 +234,33 @@ class BenchParams:
             raise ParamsError(f"{section}: nothing to measure (empty providers, pytorch false)")
 
 
+@dataclass(frozen=True)
+class AdviseParams:
+    """``advise`` section of params.yaml (``pipeline advise``: which backbone, layer and
+    fine-tuning depth this data set needs)."""
+
+    backbones: tuple[str, ...] = param((), help="candidates; empty: backbone.name plus the "
+                                       "installed offline backbones")
+    max_images_per_class: int = param(100, ge=2, help="train+val images per class scored "
+                                      "(seeded sample)")
+    batch_size: int = param(32, ge=1, le=4096)
+    folds: int = param(5, ge=2, help="cross-validation folds of the linear probe")
+    knn_k: int = param(10, ge=1)
+    bootstrap: int = param(1000, ge=10, help="resamples for the accuracy intervals")
+    large_per_class: int = param(500, ge=1, help="train images per class from which a data "
+                                 "set counts as large (fine-tuning pays)")
+    specificity_drop: float = param(0.02, ge=0.0, le=1.0, help="probe accuracy lost from the "
+                                    "best layer to the last one beyond which the data counts "
+                                    "as different from ImageNet")
+    verify: int = param(0, ge=0, help="train this many top (backbone, layer) heads for real, "
+                        "plus two fine-tunes by successive halving; 0: scores only")
+    rung_epochs: int = param(4, ge=1, help="fine-tuning epochs of the first halving rung")
+    seed: int = param(0, ge=0)
+    threads: int = param(0, ge=0, help="0: one per CPU this process may use")
+    workers: int | None = param(None, ge=0, help="image-loading processes (null: one per 2 "
+                                "CPUs, at most 4)")
+
+
 SECTIONS: dict[str, type] = {
     "prepare": PrepareParams,
     "backbone": BackboneParams,
@@ -244,6 +271,7 @@ SECTIONS: dict[str, type] = {
     "export": ExportParams,
     "interpret": InterpretParams,
     "bench": BenchParams,
+    "advise": AdviseParams,
 }
 
 

@@ -123,6 +123,11 @@ class ProjectPaths:
         return self.reports / "sweep"
 
     @property
+    def advise(self) -> Path:
+        """``reports/advise.json`` (``.md`` and ``.png`` beside it)."""
+        return self.reports / "advise.json"
+
+    @property
     def noise_check(self) -> Path:
         return self.reports / "noise_check.json"
 

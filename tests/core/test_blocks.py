@@ -222,6 +222,27 @@ def test_an_earlier_layer_ends_the_network_there_and_pools_it():
     assert [len(g) for g in stem_only.block_groups] == [2] and stem_only.feature_dim == 4
 
 
+def test_a_layer_read_from_params_is_compared_by_value():
+    """YAML strings are not the code's interned literals: "last" from params.yaml is last."""
+    from pipeline.core.blocks import resolve_layer
+
+    assert resolve_layer("".join(["la", "st"]), 3, "net") is None
+
+
+def test_one_forward_gives_every_layer_as_its_cut_network_would():
+    from pipeline.core.blocks import GroupFeatures, truncate_backbone
+
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        outputs = GroupFeatures(backbone()).eval()(x)
+        expected = [truncate_backbone(backbone(), k).model(x) for k in (0, 1)]
+        expected.append(backbone().model(x))
+    assert len(outputs) == 3
+    for got, want in zip(outputs, expected):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(outputs[0], outputs[1][:, :4])
+
+
 @pytest.mark.parametrize("layer", [3, -1, True, "first"])
 def test_a_layer_out_of_range_names_the_key_and_the_range(layer):
     from pipeline.core.blocks import truncate_backbone

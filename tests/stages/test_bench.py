@@ -299,6 +299,10 @@ def test_without_batch_one_rows_the_throughput_path_is_still_named_and_gpus_stay
     assert out["gpu_throughput"]["provider"] == "cuda"
     r = ratios(rows)  # a GPU row is never the best CPU path
     assert r["best_cpu_path_over_cpu_fp32_b8"] == 1.5 and r["best_cpu_path_over_cpu_fp32_b1"] == 1.0
+    # batch sizes past CPython's small-int cache are compared by value, as read from JSON
+    big = ratios([_row("onnxruntime", "cpu", "fp32", 512, 100.0, 0.99),
+                  _row("onnxruntime", "cpu", "int8", 512, 150.0, 0.99)])
+    assert big["best_cpu_path_over_cpu_fp32_b512"] == 1.5
     # a machine with no accurate CPU row still names its GPU path
     gpu_only = fastest([_row("pytorch", "cpu", "fp32 eager", 8, 40.0, 0.99), rows[2]], {})
     assert list(gpu_only) == ["gpu_throughput"]

@@ -1,0 +1,497 @@
+"""Which backbone, which layer, how much fine-tuning: measured on the user's data.
+
+The seed articles place a data set in a 2x2 table (small or large; similar to or different from
+ImageNet) and give each cell a strategy: features from the top, features from earlier layers,
+fine-tune the last blocks, fine-tune most of the network. This tool measures where the user's
+data sits and checks the advice by training:
+
+1. **Scores.** One forward pass per candidate backbone over a seeded sample of the train and
+   val images gives pooled features at every block-group boundary at once
+   (:class:`~pipeline.core.blocks.GroupFeatures`). Per (backbone, layer): LogME, a
+   cross-validated logistic-probe accuracy and a leave-one-out k-NN accuracy, each accuracy
+   with a bootstrap interval, the feature size and the seconds spent.
+2. **Regime.** Size from the train images per class (``advise.large_per_class``); similarity
+   from the best backbone's probe curve: where it peaks and how much it loses from the peak to
+   the last layer (the "specificity" drop of Yosinski et al. 2014; more than
+   ``advise.specificity_drop`` counts as different). The cell gives the params to paste.
+3. **Verify** (``--verify K``): the real chain, on the real splits. The top K (backbone, layer)
+   pairs by probe accuracy get a head trained on their cached features (``features`` then
+   ``train_head``); two fine-tunes (today's params and a deeper, faster-learning one: half the
+   block groups, LR 1e-3) race by successive halving (``advise.rung_epochs`` epochs each, the
+   better on val goes on to the full ``finetune.epochs``). The verified choice is the best val
+   accuracy; Kendall's tau says how well each score ranked the heads. Test accuracy is
+   reported, never used to choose.
+
+Writes ``reports/advise.json``, ``advise.md`` and ``advise.png`` (atomically).
+
+Run: ``pipeline advise`` or ``pipeline advise --verify 4``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..core import transfer_scores as scores
+from ..core.atomic import atomic_file, write_json, write_text
+from ..core.config import (
+    AdviseParams,
+    BackboneParams,
+    FeaturesParams,
+    FinetuneParams,
+    PrepareParams,
+    TrainHeadParams,
+)
+from ..core.copies import PreparedImages
+from ..core.dataset import read_prepared
+from ..core.errors import PipelineError
+from ..core.paths import ProjectPaths
+from ..core.runtime import machine_fingerprint, resolve_threads
+
+DEEP_LR = 1e-3  # the deeper fine-tune's LR for backbone and head: far data must move further
+
+
+@dataclasses.dataclass(frozen=True)
+class AdviseConfig:
+    """The params sections advise reads (the configured chain is today's default)."""
+
+    advise: AdviseParams
+    prepare: PrepareParams
+    backbone: BackboneParams
+    features: FeaturesParams
+    head: TrainHeadParams
+    finetune: FinetuneParams
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+class Copies:
+    """The prepared folder, or a re-prepared copy in ``work`` when a candidate resizes to more
+    than its copies' short side (Lite1 and Lite2 need 272 and 292 px; the default is 256)."""
+
+    def __init__(self, prepare: PrepareParams, prepared_dir: Path, work: Path) -> None:
+        self.prepare, self.prepared_dir, self.work = prepare, prepared_dir, work
+        self.short_side = PreparedImages(prepared_dir).short_side
+
+    def folder_for(self, resize: int) -> Path:
+        if self.short_side is None or resize <= self.short_side:
+            return self.prepared_dir
+        out = self.work / f"prepared_{resize}"
+        if not out.is_dir():
+            from ..stages.prepare import run as prepare
+
+            print(f"advise: re-preparing copies at short side {resize} (have "
+                  f"{self.short_side})", flush=True)
+            prepare(dataclasses.replace(self.prepare, short_side=resize), out)
+        return out
+
+    def needs(self, resize: int) -> list[str]:
+        """The params line a candidate needs in the user's project."""
+        return ([f"prepare.short_side={resize}"] if self.short_side is not None
+                and resize > self.short_side else [])
+
+
+def candidate_names(params: AdviseParams, configured: str) -> list[str]:
+    """``advise.backbones``, or the configured backbone followed by the installed offline
+    ones."""
+    from ..core.backbones import offline_backbones
+
+    names = list(params.backbones) or [configured, *offline_backbones()]
+    return list(dict.fromkeys(name.strip() for name in names))
+
+
+def sample_rows(rows: list[dict[str, str]], per_class: int, seed: int) -> list[dict[str, str]]:
+    """A seeded sample of at most ``per_class`` train+val images per class, manifest order."""
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        if row["split"] in ("train", "val"):
+            by_class[row["label"]].append(i)
+    rng = random.Random(seed)
+    keep = sorted(i for label in sorted(by_class) for i in
+                  (by_class[label] if len(by_class[label]) <= per_class
+                   else rng.sample(by_class[label], per_class)))
+    return [rows[i] for i in keep]
+
+
+def layer_features(backbone: Any, images: PreparedImages, keys: list[str], batch_size: int,
+                   workers: int | None) -> list[np.ndarray]:
+    """Pooled features at every block-group boundary for ``keys``, one forward pass."""
+    import torch
+
+    from ..core.batches import image_batches, sequential_batches
+    from ..core.blocks import GroupFeatures
+
+    net = GroupFeatures(backbone).eval()
+    parts: list[list[np.ndarray]] = []
+    stream = image_batches(images, keys, backbone.preprocessing,
+                           sequential_batches(len(keys), batch_size), workers)
+    with torch.inference_mode():
+        for batch in stream:
+            outputs = net(torch.from_numpy(batch))
+            if not parts:
+                parts = [[] for _ in outputs]
+            for part, out in zip(parts, outputs):
+                part.append(out.numpy().astype(np.float32))
+    return [np.concatenate(part) for part in parts]
+
+
+def score_layers(features: list[np.ndarray], labels: np.ndarray,
+                 params: AdviseParams) -> list[dict[str, Any]]:
+    """LogME, probe and k-NN accuracy (with intervals) per layer; the last is ``"last"``."""
+    rows = []
+    for k, f in enumerate(features):
+        t0 = time.perf_counter()
+        probe = scores.probe_predictions(f, labels, params.folds, params.seed)
+        knn = scores.knn_predictions(f, labels, params.knn_k)
+        rows.append({
+            "layer": "last" if k == len(features) - 1 else k,
+            "dim": int(f.shape[1]),
+            "logme": round(scores.logme(f, labels), 4),
+            "probe": scores.accuracy_with_interval(probe, labels, params.bootstrap, params.seed),
+            "knn": scores.accuracy_with_interval(knn, labels, params.bootstrap, params.seed),
+            "seconds": round(time.perf_counter() - t0, 2),
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- the regime
+
+
+def place(train_per_class: float, layers: list[dict[str, Any]], num_groups: int,
+          params: AdviseParams, finetune: FinetuneParams) -> dict[str, Any]:
+    """The seeds' 2x2 cell from the size and the best backbone's probe curve, and the
+    params that cell recommends."""
+    curve = [row["probe"]["accuracy"] for row in layers]
+    best = max(curve)
+    peak = max(i for i, value in enumerate(curve) if value == best)  # ties: the later layer
+    drop = round(best - curve[-1], 4)
+    size = "large" if train_per_class >= params.large_per_class else "small"
+    similarity = "different" if drop > params.specificity_drop else "similar"
+    layer: int | str = "last" if similarity == "similar" else layers[peak]["layer"]
+    if size == "small":
+        finetune_rec: dict[str, Any] = {"enabled": False}
+        why = ("few images per class: train only a head" +
+               (" on the last layer's features" if similarity == "similar" else
+                f" on layer {layer}'s features, which beat the last layer by "
+                f"{drop * 100:.1f} points"))
+    elif similarity == "similar":
+        finetune_rec = {"enabled": True, "blocks": finetune.blocks,
+                        "lr_backbone": finetune.lr_backbone, "lr_head": finetune.lr_head}
+        why = "many images, features that suit them: fine-tune the last block groups"
+    else:
+        finetune_rec = {"enabled": True, "blocks": deep_blocks(num_groups),
+                        "lr_backbone": DEEP_LR, "lr_head": DEEP_LR}
+        layer = "last"
+        why = ("many images, far from ImageNet: fine-tune most of the network at a higher "
+               "learning rate")
+    return {"size": size, "similarity": similarity, "train_images_per_class": train_per_class,
+            "peak_layer": layers[peak]["layer"], "peak_probe": best,
+            "last_probe": curve[-1], "specificity_drop": drop, "layer": layer,
+            "finetune": finetune_rec, "why": why}
+
+
+def deep_blocks(num_groups: int) -> int:
+    """"Most of the network" on a CPU budget: half the block groups, rounded up."""
+    return max(1, math.ceil(num_groups / 2))
+
+
+def params_lines(backbone: str, layer: int | str, finetune: dict[str, Any]) -> list[str]:
+    """``-S`` overrides (for ``dvc exp run``) that apply a recommendation."""
+    lines = [f"backbone.name={backbone}", f"backbone.layer={layer}",
+             f"finetune.enabled={str(finetune['enabled']).lower()}"]
+    lines += [f"finetune.{key}={finetune[key]}" for key in ("blocks", "lr_backbone", "lr_head")
+              if key in finetune]
+    return lines
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _head_chain(cfg: AdviseConfig, backbone: BackboneParams, prepared: Path,
+                work: Path) -> dict[str, Any]:
+    from ..stages.features import run as extract_features
+    from ..stages.train_head import run as train_head
+
+    paths = ProjectPaths(work)
+    t0 = time.perf_counter()
+    extract_features(backbone, cfg.features, prepared, paths.features)
+    metrics = train_head(cfg.head, paths.features, paths.head, paths.head_config,
+                         paths.report_file("head"), paths.plots_dir("head"))
+    return {"val_accuracy": metrics["val"]["accuracy"],
+            "test_accuracy": metrics["test"]["accuracy"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _finetune_chain(cfg: AdviseConfig, backbone: BackboneParams, ft: FinetuneParams,
+                    prepared: Path, work: Path, head_work: Path,
+                    build_cache: bool = True) -> dict[str, Any]:
+    """Cut cache (unless a shorter rung built it: epochs do not change it) and fine-tune."""
+    from ..stages.cut_cache import run as build_cut_cache
+    from ..stages.finetune import run as finetune
+
+    heads, paths = ProjectPaths(head_work), ProjectPaths(work)
+    t0 = time.perf_counter()
+    if build_cache:
+        build_cut_cache(backbone, ft, prepared, paths.cut_cache)
+    run = ProjectPaths(work / f"epochs_{ft.epochs}")
+    metrics = finetune(backbone, ft, prepared, paths.cut_cache, heads.head, heads.head_config,
+                       run.model, run.model_config, run.report_file("finetune"),
+                       run.plots_dir("finetune"))
+    return {"val_accuracy": metrics["val"]["accuracy"],
+            "test_accuracy": metrics["test"]["accuracy"],
+            "best_epoch": metrics["best_epoch"], "epochs": ft.epochs,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def verify(cfg: AdviseConfig, ranked: list[dict[str, Any]], num_groups: dict[str, int],
+           copies: Copies, resize: dict[str, int], work: Path) -> dict[str, Any]:
+    """Train the top ``advise.verify`` heads and race two fine-tunes; see the module doc."""
+    heads = []
+    for i, row in enumerate(ranked[:cfg.advise.verify]):
+        bb = dataclasses.replace(cfg.backbone, name=row["backbone"], layer=row["layer"])
+        print(f"advise: verifying head {row['backbone']} layer {row['layer']}", flush=True)
+        prepared = copies.folder_for(resize[row["backbone"]])
+        heads.append({"backbone": row["backbone"], "layer": row["layer"], "work": f"head_{i}",
+                      "finetune": {"enabled": False},
+                      **_head_chain(cfg, bb, prepared, work / f"head_{i}")})
+    taus = {name: scores.kendall_tau([_score(r, name) for r in ranked[:len(heads)]],
+                                     [h["val_accuracy"] for h in heads])
+            for name in ("logme", "probe", "knn")}
+    # fine-tune the best verified backbone at its last layer: today's params and a deeper one
+    best_head = max(heads, key=lambda h: h["val_accuracy"])
+    name = best_head["backbone"]
+    head_work = next((work / h["work"] for h in heads
+                      if h["backbone"] == name and h["layer"] == "last"), None)
+    bb = dataclasses.replace(cfg.backbone, name=name, layer="last")
+    prepared = copies.folder_for(resize[name])
+    if head_work is None:
+        head_work = work / "head_last"
+        _head_chain(cfg, bb, prepared, head_work)
+    base = dataclasses.replace(cfg.finetune, enabled=True)
+    racers = {
+        "params": base,
+        "deep": dataclasses.replace(base, blocks=deep_blocks(num_groups[name]),
+                                    lr_backbone=DEEP_LR, lr_head=DEEP_LR),
+    }
+    rung1 = {}
+    for label, ft in racers.items():
+        short = dataclasses.replace(ft, epochs=min(cfg.advise.rung_epochs, ft.epochs))
+        print(f"advise: fine-tune {label} (blocks {ft.blocks}), rung 1", flush=True)
+        rung1[label] = _finetune_chain(cfg, bb, short, prepared, work / f"ft_{label}", head_work)
+    winner = max(rung1, key=lambda label: (rung1[label]["val_accuracy"], label == "params"))
+    print(f"advise: fine-tune {winner}, rung 2 ({racers[winner].epochs} epochs)", flush=True)
+    final = _finetune_chain(cfg, bb, racers[winner], prepared, work / f"ft_{winner}", head_work,
+                            build_cache=False)
+    finetunes = [{"racer": label, "rung": 1, **_ft_fields(racers[label]), **rung1[label]}
+                 for label in racers]
+    finetunes.append({"racer": winner, "rung": 2, **_ft_fields(racers[winner]), **final})
+    finals = [h for h in heads] + [{"backbone": name, "layer": "last", **f}
+                                   for f in finetunes if f["rung"] == 2]
+    # best val; ties go to the cheaper: a head before a fine-tune, an earlier candidate first
+    chosen = max(finals, key=lambda r: (r["val_accuracy"], -finals.index(r)))
+    return {"heads": [{k: v for k, v in h.items() if k != "work"} for h in heads],
+            "finetunes": finetunes, "kendall_tau_vs_val": taus,
+            "chosen": {k: v for k, v in chosen.items() if k != "work"}}
+
+
+def _score(row: dict[str, Any], name: str) -> float:
+    return row["logme"] if name == "logme" else row[name]["accuracy"]
+
+
+def _ft_fields(ft: FinetuneParams) -> dict[str, Any]:
+    return {"finetune": {"enabled": True, "blocks": ft.blocks, "lr_backbone": ft.lr_backbone,
+                         "lr_head": ft.lr_head}}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(cfg: AdviseConfig, prepared_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
+    """Score every candidate's layers, place the regime, verify if asked; write the report."""
+    import torch
+
+    prepared_dir, out_path = Path(prepared_dir), Path(out_path)
+    params = cfg.advise
+    torch.set_num_threads(resolve_threads(params.threads))
+    started = time.perf_counter()
+    summary, classes, rows = read_prepared(prepared_dir)
+    sample = sample_rows(rows, params.max_images_per_class, params.seed)
+    class_index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([class_index[r["label"]] for r in sample], dtype=np.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = Copies(cfg.prepare, prepared_dir, Path(tmp))
+        report = _score_and_verify(cfg, copies, classes, rows, sample, labels, started)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["params"] = dataclasses.asdict(params)
+    report["machine"] = machine_fingerprint()
+    write_json(out_path, report)
+    write_text(out_path.with_suffix(".md"), markdown(report))
+    plot(report, out_path.with_suffix(".png"))
+    print(markdown(report))
+    print(f"wrote {out_path}, {out_path.with_suffix('.md')}, {out_path.with_suffix('.png')}")
+    return report
+
+
+def _score_and_verify(cfg: AdviseConfig, copies: Copies, classes: list[str],
+                      rows: list[dict[str, str]], sample: list[dict[str, str]],
+                      labels: np.ndarray, started: float) -> dict[str, Any]:
+    from ..core.backbones import build_backbone
+
+    params = cfg.advise
+    train_counts = [sum(1 for r in rows if r["split"] == "train" and r["label"] == c)
+                    for c in classes]
+    candidates, skipped, num_groups, resize = [], [], {}, {}
+    for name in candidate_names(params, cfg.backbone.name):
+        weights = cfg.backbone.weights if name == cfg.backbone.name else "default"
+        try:
+            backbone = build_backbone(BackboneParams(name=name, weights=weights))
+            t0 = time.perf_counter()
+            images = PreparedImages(copies.folder_for(backbone.preprocessing.resize_size))
+            print(f"advise: {name}: features at every block group of {len(sample)} images",
+                  flush=True)
+            features = layer_features(backbone, images, [r["path"] for r in sample],
+                                      params.batch_size, params.workers)
+        except PipelineError as exc:
+            skipped.append({"backbone": name, "reason": str(exc)})
+            print(f"advise: {name} skipped: {exc}", flush=True)
+            continue
+        forward_s = round(time.perf_counter() - t0, 1)
+        num_groups[name] = len(backbone.block_groups)
+        resize[name] = backbone.preprocessing.resize_size
+        candidates.append({"backbone": name, "weights": backbone.weights,
+                           "input_size": backbone.preprocessing.input_size,
+                           "resize_size": resize[name], "forward_seconds": forward_s,
+                           "layers": score_layers(features, labels, params)})
+    if not candidates:
+        raise PipelineError("advise: no candidate backbone could be scored ("
+                            + "; ".join(f"{s['backbone']}: {s['reason']}" for s in skipped) + ")")
+    ranked = sorted(({"backbone": c["backbone"], **layer} for c in candidates
+                     for layer in c["layers"]),
+                    key=lambda r: (-r["probe"]["accuracy"], -r["logme"]))
+    best = ranked[0]["backbone"]
+    best_layers = next(c["layers"] for c in candidates if c["backbone"] == best)
+    regime = place(float(np.median(train_counts)), best_layers, num_groups[best], params,
+                   cfg.finetune)
+    recommendation = {"backbone": best, "layer": regime["layer"], "finetune": regime["finetune"]}
+    recommendation["params"] = (params_lines(best, regime["layer"], regime["finetune"])
+                                + copies.needs(resize[best]))
+    report: dict[str, Any] = {
+        "classes": len(classes), "train_images_per_class": train_counts,
+        "scored_images": len(sample), "candidates": candidates, "skipped": skipped,
+        "ranking": [{k: r[k] for k in ("backbone", "layer")} |
+                    {"probe": r["probe"]["accuracy"], "logme": r["logme"],
+                     "knn": r["knn"]["accuracy"]} for r in ranked],
+        "regime": regime, "recommendation": recommendation,
+        "score_seconds": round(time.perf_counter() - started, 1),
+    }
+    if params.verify:
+        checked = verify(cfg, ranked, num_groups, copies, resize, copies.work / "verify")
+        chosen = checked["chosen"]
+        checked["recommendation_survived"] = (
+            (chosen["backbone"], chosen["layer"], chosen["finetune"]["enabled"]) ==
+            (best, regime["layer"], regime["finetune"]["enabled"]))
+        checked["params"] = (params_lines(chosen["backbone"], chosen["layer"],
+                                          chosen["finetune"])
+                             + copies.needs(resize[chosen["backbone"]]))
+        report["verified"] = checked
+    return report
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _interval(entry: dict[str, Any]) -> str:
+    return f"{entry['accuracy']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    regime, rec = report["regime"], report["recommendation"]
+    cells = {("small", "similar"): "features from the top: head only",
+             ("small", "different"): "features from an earlier layer: head only",
+             ("large", "similar"): "fine-tune the last block groups",
+             ("large", "different"): "fine-tune most of the network"}
+    here = (regime["size"], regime["similarity"])
+    mine = (f"**here: {regime['train_images_per_class']:g} train images per class; probe "
+            f"{regime['peak_probe']:.3f} at layer {regime['peak_layer']}, "
+            f"{regime['last_probe']:.3f} at the last (drop {regime['specificity_drop']:.3f})**")
+    lines = [f"# Advice: {rec['backbone']}, layer {rec['layer']}, "
+             f"{'fine-tune' if rec['finetune']['enabled'] else 'head only'}", "",
+             f"Machine: {report['machine']['cpu']} ({report['machine']['available_cpus']} CPUs); "
+             f"{report['scored_images']} train+val images scored in "
+             f"{report['score_seconds']} s.", "",
+             "| | similar to ImageNet | different from ImageNet |", "|---|---|---|"]
+    for size in ("small", "large"):
+        row = [cells[(size, sim)] + (f"<br>{mine}" if (size, sim) == here else "")
+               for sim in ("similar", "different")]
+        lines.append(f"| **{size}** | " + " | ".join(row) + " |")
+    lines += ["", f"Why: {regime['why']}.", "", "Apply it:", "", "```"]
+    lines += [f"dvc exp run " + " ".join(f"-S {p}" for p in rec["params"]), "```", ""]
+    lines += ["| backbone | layer | dim | LogME | probe (CV, 95 % interval) | k-NN | s |",
+              "|---|---|---|---|---|---|---|"]
+    for c in report["candidates"]:
+        for layer in c["layers"]:
+            lines.append(f"| {c['backbone']} | {layer['layer']} | {layer['dim']} | "
+                         f"{layer['logme']:.3f} | {_interval(layer['probe'])} | "
+                         f"{_interval(layer['knn'])} | {layer['seconds']} |")
+    for s in report["skipped"]:
+        lines.append(f"\nSkipped {s['backbone']}: {s['reason']}")
+    checked = report.get("verified")
+    if checked:
+        lines += ["", "## Verified by training (val chooses; test is reported only)", "",
+                  "| candidate | val | test | s |", "|---|---|---|---|"]
+        for h in checked["heads"]:
+            lines.append(f"| head: {h['backbone']} layer {h['layer']} | {h['val_accuracy']:.4f}"
+                         f" | {h['test_accuracy']:.4f} | {h['seconds']} |")
+        for f in checked["finetunes"]:
+            ft = f["finetune"]
+            lines.append(f"| fine-tune {f['racer']} (blocks {ft['blocks']}, LR "
+                         f"{ft['lr_backbone']:g}), rung {f['rung']}, {f['epochs']} epochs | "
+                         f"{f['val_accuracy']:.4f} | {f['test_accuracy']:.4f} | "
+                         f"{f['seconds']} |")
+        taus = ", ".join(f"{k} {v}" for k, v in checked["kendall_tau_vs_val"].items())
+        chosen = checked["chosen"]
+        lines += ["", f"Kendall tau of each score against the heads' val accuracy: {taus}.",
+                  "", f"Chosen: {chosen['backbone']} layer {chosen['layer']}, "
+                  f"{'fine-tuned' if chosen['finetune']['enabled'] else 'head only'}: val "
+                  f"{chosen['val_accuracy']:.4f}, test {chosen['test_accuracy']:.4f}. The "
+                  f"unverified advice {'survived' if checked['recommendation_survived'] else 'did not survive'}.",
+                  "", "```", "dvc exp run " + " ".join(f"-S {p}" for p in checked["params"]),
+                  "```"]
+    lines.append(f"\nTotal {report['seconds']} s.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Probe accuracy (with its interval) and LogME per layer, one line per backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for c in report["candidates"]:
+        xs = list(range(len(c["layers"])))
+        acc = [layer["probe"]["accuracy"] for layer in c["layers"]]
+        low = [layer["probe"]["low"] for layer in c["layers"]]
+        high = [layer["probe"]["high"] for layer in c["layers"]]
+        left.plot(xs, acc, marker="o", label=c["backbone"])
+        left.fill_between(xs, low, high, alpha=0.2)
+        right.plot(xs, [layer["logme"] for layer in c["layers"]], marker="o",
+                   label=c["backbone"])
+    for ax, title in ((left, "linear probe accuracy (CV, 95 % interval)"), (right, "LogME")):
+        ax.set_xlabel("block group (last = whole network)")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
