@@ -287,17 +287,36 @@ def interpret(params_path: str, model: str, prepared: str, out: str, metrics: st
 @click.option("--min-confidence", default=0.0, show_default=True,
               type=click.FloatRange(0.0, 1.0),
               help="mark predictions whose top probability is below this as uncertain")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help=".jsonl or .csv file written as results come (one flushed line each)")
+@click.option("--resume", is_flag=True, help="skip the paths already in --out, append the rest")
+@click.option("--force", is_flag=True, help="replace an existing --out file")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="decoding threads ahead of the network [default: one per CPU]")
+@click.option("--full-decode", is_flag=True,
+              help="decode every pixel (slower; default: decode as prepare does, at the "
+                   "model's resize size)")
 @friendly_errors
 def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, providers: str,
-            bench_report: str, batch_size: int, threads: int, min_confidence: float) -> None:
-    """Classify images (files or folders) with an exported model; torch is not used.
+            bench_report: str, batch_size: int, threads: int, min_confidence: float,
+            out: Path | None, resume: bool, force: bool, workers: int | None,
+            full_decode: bool) -> None:
+    """Classify images (files, or folders searched recursively) with an exported model;
+    torch is not used.
 
-    Exits with status 1 when any image could not be read (the others are still classified).
+    Ends with a summary line on stderr (per class, errors, uncertain). Exits with status 1
+    when any image could not be read (the others are still classified), 2 when there is no
+    image to classify.
     """
-    import json
-
     from .onnx.runner import OnnxClassifier, expand_inputs
+    from .tools.predict import run
 
+    if resume and out is None:
+        raise click.UsageError("--resume needs --out FILE")
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise click.UsageError(f"no image files in {', '.join(inputs)} (looked for "
+                               "jpg, png, bmp, gif, tif, webp, ppm, pgm)")
     classifier = OnnxClassifier(model, [p.strip() for p in providers.split(",") if p.strip()],
                                 threads, bench_report)
     if providers.strip() == "auto" and not as_json:
@@ -310,25 +329,11 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
                       else "probabilities not calibrated")
         click.echo(f"model {model} on {classifier.provider} "
                    f"({len(classifier.classes)} classes; {calibrated})", err=True)
-    failed = 0
-    for result in classifier.predict_files(expand_inputs(inputs), top_k, batch_size):
-        if result.error:
-            failed += 1
-            if as_json:
-                click.echo(json.dumps({"path": result.path, "error": result.error}))
-            else:
-                click.echo(f"error: {result.path}: {result.error}", err=True)
-            continue
-        uncertain = result.top[0][1] < min_confidence
-        if as_json:
-            click.echo(json.dumps({"path": result.path, "provider": classifier.provider,
-                                   "predictions": [{"label": label, "probability": round(p, 6)}
-                                                   for label, p in result.top],
-                                   "uncertain": uncertain}))
-        else:
-            top = "  ".join(f"{label} {p:.3f}" for label, p in result.top)
-            click.echo(f"{result.path}\t{top}" + ("\tuncertain" if uncertain else ""))
-    if failed:
+    summary = run(classifier, paths, out, top_k=top_k, batch_size=batch_size, workers=workers,
+                  full_decode=full_decode, min_confidence=min_confidence, resume=resume,
+                  force=force, as_json=as_json, progress=sys.stderr.isatty())
+    click.echo(summary.line(), err=True)
+    if summary.errors:
         raise SystemExit(1)
 
 
@@ -522,9 +527,11 @@ def card(model: str, config: str, prepared: str, head_metrics: str, finetune_met
                    "plus the installed offline backbones]")
 @click.option("--out", default=str(PATHS.advise), show_default=True,
               type=click.Path(dir_okay=False), help="report (.md and .png beside it)")
+@click.option("--apply", "apply", is_flag=True,
+              help="write the verified choice into --params (needs --verify)")
 @friendly_errors
 def advise(params_path: str, prepared: str, verify: int | None, backbones: list[str],
-           out: str) -> None:
+           out: str, apply: bool) -> None:
     """Which backbone, layer and fine-tuning depth this data set needs: scores, regime, check."""
     from .core.config import load_params
     from .tools.advise import AdviseConfig, run
@@ -536,9 +543,11 @@ def advise(params_path: str, prepared: str, verify: int | None, backbones: list[
         overrides["advise"]["backbones"] = backbones
     sections = load_params(params_path, "advise", "prepare", "backbone", "features",
                            "train_head", "finetune", overrides=overrides)
+    if apply and not sections["advise"].verify:
+        raise click.UsageError("--apply writes only a verified choice: add --verify K")
     run(AdviseConfig(sections["advise"], sections["prepare"], sections["backbone"],
                      sections["features"], sections["train_head"], sections["finetune"]),
-        prepared, out)
+        prepared, out, params_path if apply else None)
 
 
 @main.command("lr-find")
@@ -628,6 +637,29 @@ def bench_data(count: int, n_phone: int, scale: int, views: int, workers: int | 
     from .tools.bench_data import run
 
     run(Path(out), Path(md), Path(work), count, n_phone, scale, views, 1_000_000, workers)
+
+
+@main.command("bench-predict")
+@click.option("--model", default=str(PATHS.onnx), show_default=True,
+              type=click.Path(dir_okay=False, exists=True))
+@click.option("--vga", default=2000, show_default=True, type=click.IntRange(0),
+              help="VGA (640x480) photos")
+@click.option("--phone", default=200, show_default=True, type=click.IntRange(0),
+              help="phone-size (4032x3024) photos")
+@click.option("--phone-many", default=0, show_default=True, type=click.IntRange(0),
+              help="a second, large phone library for peak RSS (e.g. 10000; hard links)")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--work", default=str(PATHS.bench_data_work), show_default=True,
+              type=click.Path(file_okay=False), help="generated photos (kept)")
+@click.option("--out", default=str(PATHS.bench_predict), show_default=True,
+              type=click.Path(dir_okay=False))
+@friendly_errors
+def bench_predict(model: str, vga: int, phone: int, phone_many: int, threads: int, work: str,
+                  out: str) -> None:
+    """Photo library: predict img/s and peak RSS against the network-only rate, same run."""
+    from .tools.bench_predict import run
+
+    run(Path(model), Path(work), Path(out), vga, phone, phone_many, threads)
 
 
 @main.command()

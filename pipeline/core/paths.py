@@ -144,6 +144,10 @@ class ProjectPaths:
         return self.reports / "bench_data.json"
 
     @property
+    def bench_predict(self) -> Path:
+        return self.reports / "bench_predict.json"
+
+    @property
     def bench_data_work(self) -> Path:
         """Generated photos and runs of ``pipeline bench-data`` (kept, not in git)."""
         return self._p("data/bench_data")

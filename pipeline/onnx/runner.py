@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..core.batches import shape_batches
 from ..core.errors import PipelineError
-from ..core.imageio import ImageRejected, load_rgb
+from ..core.imageio import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
 from ..core.preprocess import Preprocessing, normalize, resize_and_crop
 from .contract import CONTRACT, FIELDS, decode_metadata, sidecar_path
 from .sessions import resolve_providers
@@ -236,9 +236,28 @@ class OnnxClassifier:
         return [(self.classes[i], float(probs[i])) for i in order]
 
     def predict_files(self, paths: Iterable[str | Path], top_k: int = 5,
-                      batch_size: int = 16) -> Iterator[Prediction]:
-        """Predict each file, in input order, reading ``batch_size`` files at a time; an
-        unreadable one yields a Prediction with ``error`` set."""
+                      batch_size: int = 16, workers: int | None = None,
+                      full_decode: bool = False,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Prediction]:
+        """Predict each file, in input order, streaming; an unreadable one yields a
+        Prediction with ``error`` set and the others go on.
+
+        Files are decoded as ``prepare`` decodes its copies (:func:`decode_for_model`): a
+        JPEG at the smallest DCT scale that keeps its shorter side >= 2 x the model's resize
+        size, then resized to that size, so predictions see what training saw and memory does
+        not grow with photo size; ``full_decode`` hands every pixel to the model instead.
+        ``workers`` threads (None: one per CPU) decode ahead of the network, at most
+        ``2 x batch_size`` files ahead."""
+        from ..core.parallel import ordered_thread_map
+        from ..core.runtime import available_cpus
+
+        short_side = None if full_decode else self.contract.preprocessing.resize_size
+        workers = available_cpus() if workers is None else workers
+
+        def decode(path: str | Path) -> tuple[str, np.ndarray | str]:
+            pixels = decode_for_model(path, short_side, max_pixels)
+            return str(path), pixels if isinstance(pixels, str) else self.prepare(pixels)
+
         chunk: list[tuple[str, np.ndarray | str]] = []
 
         def flush() -> Iterator[Prediction]:
@@ -250,14 +269,27 @@ class OnnxClassifier:
                        else Prediction(name, self.top_k(by_index[i], top_k)))
             chunk.clear()
 
-        for path in paths:
-            try:
-                chunk.append((str(path), self.prepare(load_rgb(path))))
-            except ImageRejected as exc:
-                chunk.append((str(path), str(exc)))
+        for item in ordered_thread_map(decode, paths, workers, 2 * batch_size):
+            chunk.append(item)
             if len(chunk) >= batch_size:
                 yield from flush()
         yield from flush()
+
+
+def decode_for_model(path: str | Path, short_side: int | None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | str:
+    """uint8 HWC pixels of ``path``: the copy ``prepare`` would make at ``short_side`` (never
+    enlarged), or every pixel when ``short_side`` is None; for a bad file, why (one line)."""
+    from ..core.copies import decode_copy
+
+    try:
+        if short_side is None:
+            return np.asarray(load_rgb(path, max_pixels=max_pixels), dtype=np.uint8)
+        return decode_copy(path, short_side, max_pixels)
+    except ImageRejected as exc:
+        return str(exc)
+    except OSError as exc:  # the file vanished or cannot be read between listing and decoding
+        return f"cannot read: {exc.strerror or exc}"
 
 
 def file_contract(path: Path) -> dict[str, Any]:

@@ -22,9 +22,11 @@ data sits and checks the advice by training:
    accuracy; Kendall's tau says how well each score ranked the heads. Test accuracy is
    reported, never used to choose.
 
-Writes ``reports/advise.json``, ``advise.md`` and ``advise.png`` (atomically).
+Writes ``reports/advise.json``, ``advise.md`` and ``advise.png`` (atomically); ``--apply``
+writes the verified choice into ``params.yaml`` (comments kept), so ``dvc repro`` re-runs
+exactly the stages it changes.
 
-Run: ``pipeline advise`` or ``pipeline advise --verify 4``
+Run: ``pipeline advise`` or ``pipeline advise --verify 4 --apply``
 """
 
 from __future__ import annotations
@@ -303,6 +305,29 @@ def verify(cfg: AdviseConfig, ranked: list[dict[str, Any]], num_groups: dict[str
             "chosen": {k: v for k, v in chosen.items() if k != "work"}}
 
 
+def apply_to_params(params_path: Path, lines: list[str]) -> None:
+    """Write ``section.key=value`` lines into the params file, keeping its comments and
+    order (atomically: a temp file, then a rename)."""
+    from ruamel.yaml import YAML
+
+    from ..core.atomic import atomic_file
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(  # keep "null" as the file writes it, not an empty value
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = yaml.load(params_path.read_text(encoding="utf-8"))
+    for line in lines:
+        key, _, raw = line.partition("=")
+        section, _, name = key.partition(".")
+        value: Any = yaml.load(raw)
+        if section not in data or data[section] is None:
+            data[section] = {}
+        data[section][name] = value
+    with atomic_file(params_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        yaml.dump(data, handle)
+
+
 def _score(row: dict[str, Any], name: str) -> float:
     return row["logme"] if name == "logme" else row[name]["accuracy"]
 
@@ -315,8 +340,10 @@ def _ft_fields(ft: FinetuneParams) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 
 
-def run(cfg: AdviseConfig, prepared_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
-    """Score every candidate's layers, place the regime, verify if asked; write the report."""
+def run(cfg: AdviseConfig, prepared_dir: str | Path, out_path: str | Path,
+        apply_to: str | Path | None = None) -> dict[str, Any]:
+    """Score every candidate's layers, place the regime, verify if asked; write the report;
+    with ``apply_to`` (a params file), write the verified choice into it."""
     import torch
 
     prepared_dir, out_path = Path(prepared_dir), Path(out_path)
@@ -338,6 +365,9 @@ def run(cfg: AdviseConfig, prepared_dir: str | Path, out_path: str | Path) -> di
     plot(report, out_path.with_suffix(".png"))
     print(markdown(report))
     print(f"wrote {out_path}, {out_path.with_suffix('.md')}, {out_path.with_suffix('.png')}")
+    if apply_to is not None:
+        apply_to_params(Path(apply_to), report["verified"]["params"])
+        print(f"applied to {apply_to}: {' '.join(report['verified']['params'])}; run dvc repro")
     return report
 
 

@@ -13,7 +13,7 @@ from pipeline.core.config import AdviseParams, FinetuneParams
 from pipeline.core.dataset import read_prepared
 from pipeline.tools import advise
 
-from ..conftest import TINY_BACKBONE
+from ..conftest import REPO, TINY_BACKBONE
 
 
 def layers_carrying_labels(strengths: list[float], per_class: int, seed: int = 0):
@@ -153,9 +153,15 @@ def test_advise_verify_trains_heads_and_races_two_fine_tunes(project, tmp_path):
     out = tmp_path / "advise.json"
     result = CliRunner().invoke(main, ["advise", "--params", str(tmp_path / "params.yaml"),
                                        "--prepared", str(project / "prepared"),
-                                       "--out", str(out)])
+                                       "--out", str(out), "--apply"])
     assert result.exit_code == 0, result.output
     checked = json.loads(out.read_text())["verified"]
+    applied = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    chosen = checked["chosen"]
+    assert applied["backbone"]["layer"] == chosen["layer"]
+    assert applied["finetune"]["enabled"] is chosen["finetune"]["enabled"]
+    if chosen["finetune"]["enabled"]:
+        assert applied["finetune"]["blocks"] == chosen["finetune"]["blocks"]
     assert len(checked["heads"]) == 2
     ranking = json.loads(out.read_text())["ranking"]
     assert [(h["backbone"], h["layer"]) for h in checked["heads"]] == [
@@ -170,3 +176,32 @@ def test_advise_verify_trains_heads_and_races_two_fine_tunes(project, tmp_path):
     assert checked["chosen"]["val_accuracy"] == max(f["val_accuracy"] for f in finals)
     assert checked["kendall_tau_vs_val"] == {"logme": None, "probe": None, "knn": None}
     assert "Verified by training" in out.with_suffix(".md").read_text()
+
+
+def test_apply_writes_typed_values_and_keeps_comments(tmp_path):
+    from pipeline.core.config import load_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    advise.apply_to_params(params, ["backbone.name=efficientnet_lite2", "backbone.layer=6",
+                                    "finetune.enabled=true", "finetune.blocks=4",
+                                    "finetune.lr_backbone=0.001", "prepare.short_side=292"])
+    text = params.read_text()
+    assert "# image folder" in text or "#" in text.split("finetune:")[1].splitlines()[1]
+    loaded = load_params(params, "backbone", "finetune", "prepare")
+    assert loaded["backbone"].name == "efficientnet_lite2" and loaded["backbone"].layer == 6
+    assert loaded["finetune"].blocks == 4 and loaded["finetune"].lr_backbone == 0.001
+    assert loaded["finetune"].epochs == 20 and loaded["prepare"].short_side == 292
+    before = [line for line in (REPO / "params.yaml").read_text().splitlines()
+              if "#" in line and "layer:" not in line and "blocks:" not in line
+              and "lr_backbone:" not in line and "short_side:" not in line
+              and "name:" not in line and "enabled:" not in line]
+    after = text.splitlines()
+    assert all(line in after for line in before)  # every other commented line unchanged
+
+
+def test_apply_needs_a_verified_choice(tmp_path):
+    write_params(tmp_path / "params.yaml", verify=0)
+    result = CliRunner().invoke(main, ["advise", "--params", str(tmp_path / "params.yaml"),
+                                       "--apply"])
+    assert result.exit_code == 2 and "--apply writes only a verified choice" in result.output
