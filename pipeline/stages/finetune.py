@@ -259,7 +259,8 @@ class FitResult:
     resumed_from: int
 
 
-def _resume_path(model_path: Path) -> Path:
+def resume_path_of(model_path: Path) -> Path:
+    """Where a run writing ``model_path`` keeps its per-epoch resume state."""
     return model_path.with_name(f".{model_path.name}.resume.pt")
 
 
@@ -418,7 +419,7 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
             "cache": cache_meta, "warm_start_candidate": warm_start_candidate,
             "resume_format": 2,
         }, sort_keys=True, default=str).encode()).hexdigest()
-        result = fit(split, head, source, params, len(classes), _resume_path(model_path),
+        result = fit(split, head, source, params, len(classes), resume_path_of(model_path),
                      resume_key, on_epoch_end, ctx, warm_start_candidate)
     else:
         result = FitResult([], 0, [], 0)
@@ -469,7 +470,7 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
             "resumed_from_epoch": result.resumed_from, "world_size": ctx.world_size,
             "seconds_per_epoch": [round(s, 3) for s in result.seconds_per_epoch],
             "seconds_total": round(time.perf_counter() - started, 3)})
-    _resume_path(model_path).unlink(missing_ok=True)
+    resume_path_of(model_path).unlink(missing_ok=True)
     ctx.barrier()
     ctx.close()
     where = f" on {ctx.world_size} processes" if ctx.active else ""

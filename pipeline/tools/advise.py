@@ -17,8 +17,9 @@ data sits and checks the advice by training:
 3. **Verify** (``--verify K``): the real chain, on the real splits. The top K (backbone, layer)
    pairs by probe accuracy get a head trained on their cached features (``features`` then
    ``train_head``); two fine-tunes (today's params and a deeper, faster-learning one: half the
-   block groups, LR 1e-3) race by successive halving (``advise.rung_epochs`` epochs each, the
-   better on val goes on to the full ``finetune.epochs``). The verified choice is the best val
+   block groups, LR 1e-3) race by successive halving: each runs its first
+   ``advise.rung_epochs`` epochs of the full schedule, and the better on val resumes where it
+   stopped and runs to the end (``finetune.epochs``, early stopping as configured). The verified choice is the best val
    accuracy; Kendall's tau says how well each score ranked the heads. Test accuracy is
    reported, never used to choose.
 
@@ -32,6 +33,7 @@ Run: ``pipeline advise`` or ``pipeline advise --verify 4 --apply``
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import tempfile
@@ -233,24 +235,46 @@ def _head_chain(cfg: AdviseConfig, backbone: BackboneParams, prepared: Path,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+class RungEnd(Exception):
+    """Raised after the rung's last epoch: the run's resume state is on disk."""
+
+
 def _finetune_chain(cfg: AdviseConfig, backbone: BackboneParams, ft: FinetuneParams,
                     prepared: Path, work: Path, head_work: Path,
-                    build_cache: bool = True) -> dict[str, Any]:
-    """Cut cache (unless a shorter rung built it: epochs do not change it) and fine-tune."""
+                    stop_after: int | None = None) -> dict[str, Any]:
+    """Cut cache (once) and fine-tune with the full schedule; with ``stop_after``, stop
+    after that epoch (a halving rung); a later call with the same arguments resumes there."""
+    import torch
+
     from ..stages.cut_cache import run as build_cut_cache
+    from ..stages.finetune import resume_path_of
     from ..stages.finetune import run as finetune
 
-    heads, paths = ProjectPaths(head_work), ProjectPaths(work)
+    heads, paths, run = ProjectPaths(head_work), ProjectPaths(work), ProjectPaths(work / "run")
     t0 = time.perf_counter()
-    if build_cache:
+    if not (paths.cut_cache / "meta.json").is_file():
         build_cut_cache(backbone, ft, prepared, paths.cut_cache)
-    run = ProjectPaths(work / f"epochs_{ft.epochs}")
-    metrics = finetune(backbone, ft, prepared, paths.cut_cache, heads.head, heads.head_config,
-                       run.model, run.model_config, run.report_file("finetune"),
-                       run.plots_dir("finetune"))
+
+    def end_of_rung(epoch: int) -> None:
+        if stop_after is not None and epoch >= stop_after:
+            raise RungEnd
+
+    try:
+        metrics = finetune(backbone, ft, prepared, paths.cut_cache, heads.head,
+                           heads.head_config, run.model, run.model_config,
+                           run.report_file("finetune"), run.plots_dir("finetune"),
+                           run.finetune_timing, on_epoch_end=end_of_rung)
+    except RungEnd:
+        state = torch.load(resume_path_of(run.model), map_location="cpu", weights_only=True)
+        tuned = [h for h in state["history"] if h["epoch"] >= 1]
+        return {"val_accuracy": round(max(h["val_accuracy"] for h in tuned), 4),
+                "test_accuracy": None, "epochs": len(tuned),
+                "seconds": round(time.perf_counter() - t0, 1)}
     return {"val_accuracy": metrics["val"]["accuracy"],
             "test_accuracy": metrics["test"]["accuracy"],
-            "best_epoch": metrics["best_epoch"], "epochs": ft.epochs,
+            "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs_run"],
+            "resumed_after_epoch": max(0, json.loads(run.finetune_timing.read_text())
+                                       ["resumed_from_epoch"] - 1),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -286,13 +310,13 @@ def verify(cfg: AdviseConfig, ranked: list[dict[str, Any]], num_groups: dict[str
     }
     rung1 = {}
     for label, ft in racers.items():
-        short = dataclasses.replace(ft, epochs=min(cfg.advise.rung_epochs, ft.epochs))
-        print(f"advise: fine-tune {label} (blocks {ft.blocks}), rung 1", flush=True)
-        rung1[label] = _finetune_chain(cfg, bb, short, prepared, work / f"ft_{label}", head_work)
+        print(f"advise: fine-tune {label} (blocks {ft.blocks}), rung 1: epochs 1.."
+              f"{cfg.advise.rung_epochs} of {ft.epochs}", flush=True)
+        rung1[label] = _finetune_chain(cfg, bb, ft, prepared, work / f"ft_{label}", head_work,
+                                       stop_after=cfg.advise.rung_epochs)
     winner = max(rung1, key=lambda label: (rung1[label]["val_accuracy"], label == "params"))
-    print(f"advise: fine-tune {winner}, rung 2 ({racers[winner].epochs} epochs)", flush=True)
-    final = _finetune_chain(cfg, bb, racers[winner], prepared, work / f"ft_{winner}", head_work,
-                            build_cache=False)
+    print(f"advise: fine-tune {winner}, rung 2: on to epoch {racers[winner].epochs}", flush=True)
+    final = _finetune_chain(cfg, bb, racers[winner], prepared, work / f"ft_{winner}", head_work)
     finetunes = [{"racer": label, "rung": 1, **_ft_fields(racers[label]), **rung1[label]}
                  for label in racers]
     finetunes.append({"racer": winner, "rung": 2, **_ft_fields(racers[winner]), **final})
@@ -483,10 +507,10 @@ def markdown(report: dict[str, Any]) -> str:
                          f" | {h['test_accuracy']:.4f} | {h['seconds']} |")
         for f in checked["finetunes"]:
             ft = f["finetune"]
+            test = "—" if f["test_accuracy"] is None else f"{f['test_accuracy']:.4f}"
             lines.append(f"| fine-tune {f['racer']} (blocks {ft['blocks']}, LR "
                          f"{ft['lr_backbone']:g}), rung {f['rung']}, {f['epochs']} epochs | "
-                         f"{f['val_accuracy']:.4f} | {f['test_accuracy']:.4f} | "
-                         f"{f['seconds']} |")
+                         f"{f['val_accuracy']:.4f} | {test} | {f['seconds']} |")
         taus = ", ".join(f"{k} {v}" for k, v in checked["kendall_tau_vs_val"].items())
         chosen = checked["chosen"]
         lines += ["", f"Kendall tau of each score against the heads' val accuracy: {taus}.",

@@ -169,7 +169,9 @@ def test_advise_verify_trains_heads_and_races_two_fine_tunes(project, tmp_path):
     rung1 = [f for f in checked["finetunes"] if f["rung"] == 1]
     rung2 = [f for f in checked["finetunes"] if f["rung"] == 2]
     assert [f["racer"] for f in rung1] == ["params", "deep"] and len(rung2) == 1
-    assert all(f["epochs"] == 1 for f in rung1) and rung2[0]["epochs"] == 2
+    assert all(f["epochs"] == 1 and f["test_accuracy"] is None for f in rung1)
+    assert rung2[0]["epochs"] == 2 and rung2[0]["test_accuracy"] is not None
+    assert rung2[0]["resumed_after_epoch"] == 1  # the winner goes on, it does not start over
     assert rung2[0]["racer"] == max(rung1, key=lambda f: (f["val_accuracy"],
                                                           f["racer"] == "params"))["racer"]
     finals = checked["heads"] + rung2
