@@ -74,8 +74,9 @@ MODULES: tuple[Module, ...] = (
     Module("contract", "pipeline/onnx/contract.py",
            ("tests/onnx/test_contract.py", "tests/stages/test_export.py"), 180),
     Module("runner", "pipeline/onnx/runner.py",
-           ("tests/onnx/test_runner.py", "tests/onnx/test_contract.py",
-            "tests/onnx/test_sessions.py", "tests/stages/test_export.py"), 240),
+           ("tests/onnx/test_runner.py", "tests/tools/test_predict.py",
+            "tests/onnx/test_contract.py", "tests/onnx/test_sessions.py",
+            "tests/stages/test_export.py"), 240),
     Module("prepare (split, scans, image checks)", "pipeline/stages/prepare.py",
            ("tests/stages/test_prepare.py",), 90,
            ("split_class", "scan_csv", "scan_folder", "decode_candidate", "ordered_map",
@@ -100,6 +101,15 @@ MODULES: tuple[Module, ...] = (
            ("reference_accuracy", "accurate_rows", "auto_provider", "resolve_providers")),
     Module("blocks", "pipeline/core/blocks.py",
            ("tests/core/test_blocks.py", "tests/stages/test_finetune.py"), 240),
+    Module("transfer_scores", "pipeline/core/transfer_scores.py",
+           ("tests/core/test_transfer_scores.py", "tests/tools/test_advise.py"), 120),
+    Module("advise (scores, regime, candidates, apply)", "pipeline/tools/advise.py",
+           ("tests/tools/test_advise.py", "-k", "not verify"), 180,
+           ("candidate_names", "sample_rows", "score_layers", "place", "deep_blocks",
+            "params_lines", "apply_to_params", "Copies")),
+    Module("parallel", "pipeline/core/parallel.py", ("tests/tools/test_predict.py",), 90),
+    Module("predict (output, resume, summary)", "pipeline/tools/predict.py",
+           ("tests/tools/test_predict.py",), 120),
 )
 
 

@@ -251,6 +251,12 @@ class GroupFeatures(nn.Module):
         if not any(_is_global_pool(m) for _, m in modules):
             raise PipelineError(f"{backbone.architecture}: no global pooling layer to pool an "
                                 "earlier block group's output")
+        whole = Split(self.chain, Chain([]), 0, len(backbone.block_groups), "", [])
+        try:  # the chain must be the network, or its layers are not the network's
+            check_split(backbone, whole)
+        except RuntimeError as exc:
+            raise PipelineError(f"{backbone.architecture}: its forward is not a chain of its "
+                                f"top-level modules ({str(exc).splitlines()[0][:200]})") from None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         steps = list(self.chain.steps)

@@ -139,6 +139,8 @@ def test_groups_that_do_not_follow_the_modules_are_refused():
 
 
 def test_a_forward_that_is_no_chain_is_refused_and_the_modes_are_restored():
+    from pipeline.core.blocks import GroupFeatures
+
     class Skip(Net):  # the stem's output is added back after the blocks: not a chain
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             s = self.stem(x)
@@ -156,6 +158,8 @@ def test_a_forward_that_is_no_chain_is_refused_and_the_modes_are_restored():
 
     with pytest.raises(PipelineError, match=r"got shape \(2, 4\), expected \(2, 8\)"):
         split_backbone(backbone(Wider()), 1)
+    with pytest.raises(PipelineError, match=r"forward is not a chain"):
+        GroupFeatures(backbone(Skip()))  # its layers would not be the network's
     unchecked = split_backbone(backbone(Skip()), 1, check=False)
     with pytest.raises(PipelineError):
         check_split(backbone(Skip()), unchecked)
