@@ -52,7 +52,7 @@ def one_set(name: str, sets: Path, work: Path) -> dict:
                       "--config", str(work / "head.json"), "--report", str(work / "head_r.json"),
                       "--metrics", str(work / "head_m.json"), "--plots", str(work / "head_plots")])
     sweep_s += timed(["sweep", *p, "--prepared", str(prepared), "--features", str(features),
-                      "--head-model", str(head), "--head-config", str(work / "head.json"),
+                      "--head", str(head), "--head-config", str(work / "head.json"),
                       *SWEEP, "--out", str(work / "sweep")])
     advice = json.loads((work / "advise.json").read_text())
     sweep = json.loads((work / "sweep" / "sweep.json").read_text())

@@ -1,6 +1,6 @@
 """Two labelled image folders built offline, for checking ``pipeline advise`` beside the digits.
 
-* ``photos``: 7 classes x 60 JPEGs, random crops (10-40 % of the area, flips, brightness) of
+* ``photos``: 7 classes x 60 JPEGs, random crops (2-8 % of the area, so many show only background or texture; flips, brightness) of
   photographs bundled with scikit-image: a cat, a coffee cup, an astronaut, a rocket, grass,
   gravel, brick. Photographs, close to ImageNet.
 * ``charts``: 6 classes x 60 PNGs of matplotlib charts of random data (line, bar, scatter, pie,
@@ -35,7 +35,7 @@ def photos(out: Path, seed: int = 0) -> None:
         folder = out / "photos" / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(PER_CLASS):
-            area = rng.uniform(0.10, 0.40) * h * w
+            area = rng.uniform(0.02, 0.08) * h * w
             aspect = rng.uniform(0.75, 1.33)
             ch = int(min(h, np.sqrt(area / aspect)))
             cw = int(min(w, ch * aspect))

@@ -44,10 +44,12 @@ COPY_INTERPOLATION = "bicubic"
 
 
 def decode_copy(source: str | Path | BinaryIO, short_side: int,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode (and validate) one original into its copy: uint8 HWC, shorter side <= short_side.
+                max_pixels: int = DEFAULT_MAX_PIXELS,
+                draft_margin: int = DRAFT_MARGIN) -> np.ndarray:
+    """Decode (and validate) one original into its copy: uint8 HWC, shorter side <= short_side;
+    a large JPEG is decoded at the smallest DCT scale keeping ``draft_margin`` x short_side.
     Raises :class:`pipeline.core.imageio.ImageRejected` for a bad file."""
-    image = load_rgb(source, max_pixels=max_pixels, draft_short_side=DRAFT_MARGIN * short_side)
+    image = load_rgb(source, max_pixels=max_pixels, draft_short_side=draft_margin * short_side)
     return resize_short_side(np.asarray(image, dtype=np.uint8), short_side, COPY_INTERPOLATION)
 
 

@@ -31,6 +31,9 @@ from ..core.preprocess import Preprocessing, normalize, resize_and_crop
 from .contract import CONTRACT, FIELDS, decode_metadata, sidecar_path
 from .sessions import resolve_providers
 
+# predict decodes a large JPEG at the smallest DCT scale that keeps the model's resize size
+# (prepare keeps twice that): a 12 MP photo at 1/8 instead of 1/4, then a 4x smaller resize
+PREDICT_DRAFT_MARGIN = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
 
@@ -237,15 +240,15 @@ class OnnxClassifier:
 
     def predict_files(self, paths: Iterable[str | Path], top_k: int = 5,
                       batch_size: int = 16, workers: int | None = None,
-                      full_decode: bool = False,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Prediction]:
+                      full_decode: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      draft_margin: int = PREDICT_DRAFT_MARGIN) -> Iterator[Prediction]:
         """Predict each file, in input order, streaming; an unreadable one yields a
         Prediction with ``error`` set and the others go on.
 
         Files are decoded as ``prepare`` decodes its copies (:func:`decode_for_model`): a
-        JPEG at the smallest DCT scale that keeps its shorter side >= 2 x the model's resize
-        size, then resized to that size, so predictions see what training saw and memory does
-        not grow with photo size; ``full_decode`` hands every pixel to the model instead.
+        large JPEG at the smallest DCT scale that keeps its shorter side >= the model's resize
+        size, then resized to that size by the graph's own resize, so memory does not grow
+        with photo size; ``full_decode`` hands every pixel to the model instead.
         ``workers`` threads (None: one per CPU) decode ahead of the network, at most
         ``2 x batch_size`` files ahead."""
         from ..core.parallel import ordered_thread_map
@@ -255,7 +258,7 @@ class OnnxClassifier:
         workers = available_cpus() if workers is None else workers
 
         def decode(path: str | Path) -> tuple[str, np.ndarray | str]:
-            pixels = decode_for_model(path, short_side, max_pixels)
+            pixels = decode_for_model(path, short_side, max_pixels, draft_margin)
             return str(path), pixels if isinstance(pixels, str) else self.prepare(pixels)
 
         chunk: list[tuple[str, np.ndarray | str]] = []
@@ -277,15 +280,17 @@ class OnnxClassifier:
 
 
 def decode_for_model(path: str | Path, short_side: int | None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | str:
-    """uint8 HWC pixels of ``path``: the copy ``prepare`` would make at ``short_side`` (never
-    enlarged), or every pixel when ``short_side`` is None; for a bad file, why (one line)."""
+                     max_pixels: int = DEFAULT_MAX_PIXELS,
+                     draft_margin: int = PREDICT_DRAFT_MARGIN) -> np.ndarray | str:
+    """uint8 HWC pixels of ``path``: a copy as ``prepare`` makes them at ``short_side`` (never
+    enlarged; a large JPEG drafted to ``draft_margin`` x short_side), or every pixel when
+    ``short_side`` is None; for a bad file, why (one line)."""
     from ..core.copies import decode_copy
 
     try:
         if short_side is None:
             return np.asarray(load_rgb(path, max_pixels=max_pixels), dtype=np.uint8)
-        return decode_copy(path, short_side, max_pixels)
+        return decode_copy(path, short_side, max_pixels, draft_margin)
     except ImageRejected as exc:
         return str(exc)
     except OSError as exc:  # the file vanished or cannot be read between listing and decoding

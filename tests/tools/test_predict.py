@@ -37,7 +37,11 @@ def photo(path: Path, seed: int, size=(640, 480)) -> Path:
 def test_a_jpeg_is_decoded_as_prepare_decodes_its_copy_or_whole(tmp_path):
     big = photo(tmp_path / "big.jpg", 0, size=(1200, 900))
     copy = decode_for_model(big, 64)
-    assert copy.shape == (64, 85, 3) and np.array_equal(copy, decode_copy(big, 64))
+    # drafted to 1/8 (150x113 >= 64) where prepare keeps 1/4 (225 >= 128), then resized
+    assert copy.shape == (64, 84, 3) and np.array_equal(copy, decode_copy(big, 64,
+                                                                           draft_margin=1))
+    assert np.array_equal(decode_for_model(big, 64, draft_margin=2), decode_copy(big, 64))
+    assert not np.array_equal(copy, decode_copy(big, 64))
     assert decode_for_model(big, None).shape == (900, 1200, 3)
     small = colour_image(tmp_path / "s.png", 1, size=(20, 12))
     assert decode_for_model(small, 64).shape == (12, 20, 3)  # never enlarged
