@@ -293,14 +293,15 @@ def interpret(params_path: str, model: str, prepared: str, out: str, metrics: st
 @click.option("--force", is_flag=True, help="replace an existing --out file")
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="decoding threads ahead of the network [default: one per CPU]")
-@click.option("--full-decode", is_flag=True,
-              help="decode every pixel (slower; default: decode as prepare does, at the "
-                   "model's resize size)")
+@click.option("--decode", default="copy", show_default=True,
+              type=click.Choice(["copy", "fast", "full"]),
+              help="copy: as prepare decodes (what training saw); fast: large JPEGs at a "
+                   "smaller DCT scale (12 MP: ~1.5x faster); full: every pixel")
 @friendly_errors
 def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, providers: str,
             bench_report: str, batch_size: int, threads: int, min_confidence: float,
             out: Path | None, resume: bool, force: bool, workers: int | None,
-            full_decode: bool) -> None:
+            decode: str) -> None:
     """Classify images (files, or folders searched recursively) with an exported model;
     torch is not used.
 
@@ -330,7 +331,7 @@ def predict(model: str, inputs: tuple[str, ...], top_k: int, as_json: bool, prov
         click.echo(f"model {model} on {classifier.provider} "
                    f"({len(classifier.classes)} classes; {calibrated})", err=True)
     summary = run(classifier, paths, out, top_k=top_k, batch_size=batch_size, workers=workers,
-                  full_decode=full_decode, min_confidence=min_confidence, resume=resume,
+                  decode=decode, min_confidence=min_confidence, resume=resume,
                   force=force, as_json=as_json, progress=sys.stderr.isatty())
     click.echo(summary.line(), err=True)
     if summary.errors:

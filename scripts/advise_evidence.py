@@ -5,7 +5,9 @@ For each data set (the embedded digits, and the ``photos`` and ``charts`` folder
 the sweep it replaces on the same machine in the same run: features + head + ``pipeline sweep``
 over fine-tuning depth and LR (``--blocks 0,2,4 --lr-backbone 3e-4,1e-3``, the configured
 backbone at its last layer). Each side's choice is its best val accuracy; test accuracy is
-reported beside it. Writes ``reports/advise_evidence.json`` and ``.md``.
+reported beside it. Writes ``reports/advise_evidence.json`` and ``.md``, each set's advise and
+sweep reports under ``reports/advise_evidence/<set>/``, and the digits' advice as
+``reports/advise.{json,md,png}``.
 
 Run: ``python scripts/advise_evidence.py /tmp/evsets digits photos charts``
 """
@@ -13,6 +15,7 @@ Run: ``python scripts/advise_evidence.py /tmp/evsets digits photos charts``
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +57,13 @@ def one_set(name: str, sets: Path, work: Path) -> dict:
     sweep_s += timed(["sweep", *p, "--prepared", str(prepared), "--features", str(features),
                       "--head", str(head), "--head-config", str(work / "head.json"),
                       *SWEEP, "--out", str(work / "sweep")])
+    keep = REPO / "reports" / "advise_evidence" / name
+    keep.mkdir(parents=True, exist_ok=True)
+    for part in ("advise.json", "advise.md", "advise.png", "sweep/sweep.json", "sweep/sweep.md"):
+        shutil.copy(work / part, keep / Path(part).name)
+    if name == "digits":  # the embedded default's advice is the committed reports/advise.*
+        for ext in ("json", "md", "png"):
+            shutil.copy(work / f"advise.{ext}", REPO / "reports" / f"advise.{ext}")
     advice = json.loads((work / "advise.json").read_text())
     sweep = json.loads((work / "sweep" / "sweep.json").read_text())
     best = max(sweep["blocks"], key=lambda r: (r["val_accuracy"], -r["trainable_parameters"]))

@@ -26,14 +26,17 @@ from PIL import Image
 
 from ..core.batches import shape_batches
 from ..core.errors import PipelineError
+from ..core.copies import DRAFT_MARGIN
 from ..core.imageio import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
 from ..core.preprocess import Preprocessing, normalize, resize_and_crop
 from .contract import CONTRACT, FIELDS, decode_metadata, sidecar_path
 from .sessions import resolve_providers
 
-# predict decodes a large JPEG at the smallest DCT scale that keeps the model's resize size
-# (prepare keeps twice that): a 12 MP photo at 1/8 instead of 1/4, then a 4x smaller resize
-PREDICT_DRAFT_MARGIN = 1
+# how predict decodes: "copy" as prepare makes its copies (a large JPEG drafted to keep twice
+# the resize size, then resized to it: what training saw); "fast" drafts to the resize size
+# itself (a 12 MP photo at 1/8 DCT scale instead of 1/4, then a 4x smaller resize; its crops
+# differ from a full decode by a few more grey levels); "full" hands every pixel to the model
+DECODE_DRAFT_MARGIN = {"copy": DRAFT_MARGIN, "fast": 1, "full": None}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
 
@@ -240,25 +243,30 @@ class OnnxClassifier:
 
     def predict_files(self, paths: Iterable[str | Path], top_k: int = 5,
                       batch_size: int = 16, workers: int | None = None,
-                      full_decode: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      draft_margin: int = PREDICT_DRAFT_MARGIN) -> Iterator[Prediction]:
+                      decode: str = "copy",
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Prediction]:
         """Predict each file, in input order, streaming; an unreadable one yields a
         Prediction with ``error`` set and the others go on.
 
-        Files are decoded as ``prepare`` decodes its copies (:func:`decode_for_model`): a
-        large JPEG at the smallest DCT scale that keeps its shorter side >= the model's resize
-        size, then resized to that size by the graph's own resize, so memory does not grow
-        with photo size; ``full_decode`` hands every pixel to the model instead.
+        ``decode`` (:data:`DECODE_DRAFT_MARGIN`): ``copy`` decodes as ``prepare`` makes its
+        copies (a large JPEG at a reduced DCT scale, then resized to the model's resize size
+        by the graph's own resize), so predictions see what training saw and memory does not
+        grow with photo size; ``fast`` drafts further; ``full`` hands every pixel to the
+        model.
         ``workers`` threads (None: one per CPU) decode ahead of the network, at most
-        ``2 x batch_size`` files ahead."""
+        ``2 x batch_size`` files ahead (``batch_size + workers`` with ``full``)."""
         from ..core.parallel import ordered_thread_map
         from ..core.runtime import available_cpus
 
-        short_side = None if full_decode else self.contract.preprocessing.resize_size
+        if decode not in DECODE_DRAFT_MARGIN:
+            raise PipelineError(f"decode must be one of {', '.join(DECODE_DRAFT_MARGIN)} "
+                                f"(got {decode!r})")
+        margin = DECODE_DRAFT_MARGIN[decode]
+        short_side = None if margin is None else self.contract.preprocessing.resize_size
         workers = available_cpus() if workers is None else workers
 
         def decode(path: str | Path) -> tuple[str, np.ndarray | str]:
-            pixels = decode_for_model(path, short_side, max_pixels, draft_margin)
+            pixels = decode_for_model(path, short_side, max_pixels, margin or DRAFT_MARGIN)
             return str(path), pixels if isinstance(pixels, str) else self.prepare(pixels)
 
         chunk: list[tuple[str, np.ndarray | str]] = []
@@ -272,7 +280,9 @@ class OnnxClassifier:
                        else Prediction(name, self.top_k(by_index[i], top_k)))
             chunk.clear()
 
-        for item in ordered_thread_map(decode, paths, workers, 2 * batch_size):
+        # full-size images: no more decoded ahead than a batch needs (12 MP is 36 MB each)
+        window = batch_size + workers if margin is None else 2 * batch_size
+        for item in ordered_thread_map(decode, paths, workers, window):
             chunk.append(item)
             if len(chunk) >= batch_size:
                 yield from flush()
@@ -281,7 +291,7 @@ class OnnxClassifier:
 
 def decode_for_model(path: str | Path, short_side: int | None,
                      max_pixels: int = DEFAULT_MAX_PIXELS,
-                     draft_margin: int = PREDICT_DRAFT_MARGIN) -> np.ndarray | str:
+                     draft_margin: int = DRAFT_MARGIN) -> np.ndarray | str:
     """uint8 HWC pixels of ``path``: a copy as ``prepare`` makes them at ``short_side`` (never
     enlarged; a large JPEG drafted to ``draft_margin`` x short_side), or every pixel when
     ``short_side`` is None; for a bad file, why (one line)."""

@@ -283,7 +283,7 @@ def verify(cfg: AdviseConfig, ranked: list[dict[str, Any]], num_groups: dict[str
     """Train the top ``advise.verify`` heads and race two fine-tunes; see the module doc."""
     heads = []
     for i, row in enumerate(ranked[:cfg.advise.verify]):
-        bb = dataclasses.replace(cfg.backbone, name=row["backbone"], layer=row["layer"])
+        bb = _backbone(cfg, row["backbone"], row["layer"])
         print(f"advise: verifying head {row['backbone']} layer {row['layer']}", flush=True)
         prepared = copies.folder_for(resize[row["backbone"]])
         heads.append({"backbone": row["backbone"], "layer": row["layer"], "work": f"head_{i}",
@@ -297,7 +297,7 @@ def verify(cfg: AdviseConfig, ranked: list[dict[str, Any]], num_groups: dict[str
     name = best_head["backbone"]
     head_work = next((work / h["work"] for h in heads
                       if h["backbone"] == name and h["layer"] == "last"), None)
-    bb = dataclasses.replace(cfg.backbone, name=name, layer="last")
+    bb = _backbone(cfg, name, "last")
     prepared = copies.folder_for(resize[name])
     if head_work is None:
         head_work = work / "head_last"
@@ -315,8 +315,13 @@ def verify(cfg: AdviseConfig, ranked: list[dict[str, Any]], num_groups: dict[str
         rung1[label] = _finetune_chain(cfg, bb, ft, prepared, work / f"ft_{label}", head_work,
                                        stop_after=cfg.advise.rung_epochs)
     winner = max(rung1, key=lambda label: (rung1[label]["val_accuracy"], label == "params"))
-    print(f"advise: fine-tune {winner}, rung 2: on to epoch {racers[winner].epochs}", flush=True)
-    final = _finetune_chain(cfg, bb, racers[winner], prepared, work / f"ft_{winner}", head_work)
+    if rung1[winner]["test_accuracy"] is not None:  # early stopping ended it within the rung
+        final = rung1[winner]
+    else:
+        print(f"advise: fine-tune {winner}, rung 2: on to epoch {racers[winner].epochs}",
+              flush=True)
+        final = _finetune_chain(cfg, bb, racers[winner], prepared, work / f"ft_{winner}",
+                                head_work)
     finetunes = [{"racer": label, "rung": 1, **_ft_fields(racers[label]), **rung1[label]}
                  for label in racers]
     finetunes.append({"racer": winner, "rung": 2, **_ft_fields(racers[winner]), **final})
@@ -350,6 +355,13 @@ def apply_to_params(params_path: Path, lines: list[str]) -> None:
         data[section][name] = value
     with atomic_file(params_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         yaml.dump(data, handle)
+
+
+def _backbone(cfg: AdviseConfig, name: str, layer: int | str) -> BackboneParams:
+    """A candidate's params: the configured weights for the configured backbone, its default
+    (offline or downloaded ImageNet) weights for any other."""
+    weights = cfg.backbone.weights if name == cfg.backbone.name else "default"
+    return dataclasses.replace(cfg.backbone, name=name, weights=weights, layer=layer)
 
 
 def _score(row: dict[str, Any], name: str) -> float:
@@ -405,9 +417,8 @@ def _score_and_verify(cfg: AdviseConfig, copies: Copies, classes: list[str],
                     for c in classes]
     candidates, skipped, num_groups, resize = [], [], {}, {}
     for name in candidate_names(params, cfg.backbone.name):
-        weights = cfg.backbone.weights if name == cfg.backbone.name else "default"
         try:
-            backbone = build_backbone(BackboneParams(name=name, weights=weights))
+            backbone = build_backbone(_backbone(cfg, name, "last"))
             t0 = time.perf_counter()
             images = PreparedImages(copies.folder_for(backbone.preprocessing.resize_size))
             print(f"advise: {name}: features at every block group of {len(sample)} images",

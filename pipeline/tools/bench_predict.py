@@ -6,10 +6,10 @@ up to the count, so a 10,000-photo library costs no disk), then per kind, same r
 * **network-only** img/s: the model's session on ready inputs of the size the decoder hands it
   (batch 32, ``--threads``), no decoding;
 * **predict** img/s and peak RSS: ``pipeline predict --out FILE`` in a child process (its own
-  rate, after imports; RSS from ``wait4``), at batch 32 with the default decode (as ``prepare``:
-  reduced-scale JPEG decode to the model's resize size, decoding threads ahead of the network);
-* the same with ``--full-decode`` (every pixel to the graph), on at most 100 photos;
-* how far the reduced decode is from the full one: top-1 agreement and max |delta p|.
+  rate, after imports; RSS from ``wait4``), at batch 32, decoding threads ahead of the network,
+  for each ``--decode``: ``copy`` (the default: as ``prepare``), ``fast`` (a smaller DCT
+  scale) and ``full`` (every pixel to the graph; on 100 photos);
+* how far ``copy`` and ``fast`` are from the full decode: top-1 agreement and max |delta p|.
 
 Prints a table and writes JSON (``--out``) and Markdown.
 
@@ -68,15 +68,14 @@ def network_rate(model: Path, shape: tuple[int, ...], threads: int,
     return runs * BATCH / (time.perf_counter() - started)
 
 
-def predict_child(model: Path, folder: Path, out: Path, threads: int,
-                  full_decode: bool = False, limit: int | None = None) -> dict[str, Any]:
+def predict_child(model: Path, folder: Path, out: Path, threads: int, decode: str = "copy",
+                  limit: int | None = None) -> dict[str, Any]:
     """``pipeline predict`` in a child process: its own img/s and its peak RSS."""
     inputs = [str(folder)] if limit is None else [str(p) for p in
                                                    sorted(folder.rglob("*.jpg"))[:limit]]
     command = [sys.executable, "-m", "pipeline", "predict", "--model", str(model),
                "--providers", "cpu", "--threads", str(threads), "--batch-size", str(BATCH),
-               "--out", str(out), "--force", *(["--full-decode"] if full_decode else []),
-               *inputs]
+               "--out", str(out), "--force", "--decode", decode, *inputs]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     stderr = proc.stderr.read() if proc.stderr else ""
@@ -91,31 +90,27 @@ def predict_child(model: Path, folder: Path, out: Path, threads: int,
 
 
 def decode_agreement(model: Path, folder: Path, threads: int, limit: int = 100) -> dict[str, Any]:
-    """Top-1 agreement and max |delta p| of predict's decode against the full decode and
-    against prepare's copies (JPEGs drafted to twice the resize size: what training saw)."""
-    from ..core.copies import DRAFT_MARGIN
+    """Top-1 agreement and max |delta p| of each decode against the full one."""
     from ..onnx.runner import OnnxClassifier
 
     classifier = OnnxClassifier(model, ["cpu"], threads)
     files = sorted(folder.rglob("*.jpg"))[:limit]
     width = len(classifier.classes)
 
-    def probs(full: bool, margin: int | None = None) -> np.ndarray:
-        extra = {} if margin is None else {"draft_margin": margin}
-        out = classifier.predict_files(files, width, BATCH, full_decode=full, **extra)
+    def probs(decode: str) -> np.ndarray:
         rows = []
-        for r in out:
+        for r in classifier.predict_files(files, width, BATCH, decode=decode):
             p = dict(r.top)
             rows.append([p[c] for c in classifier.classes])
         return np.array(rows)
 
-    reduced, full, copies = probs(False), probs(True), probs(False, DRAFT_MARGIN)
-
-    def versus(other: np.ndarray) -> dict[str, float]:
-        return {"top1_agreement": round(float((reduced.argmax(1) == other.argmax(1)).mean()), 4),
-                "max_abs_dp": round(float(np.abs(reduced - other).max()), 4)}
-
-    return {"images": len(files), **versus(full), "vs_prepare_copies": versus(copies)}
+    full = probs("full")
+    out: dict[str, Any] = {"images": len(files)}
+    for decode in ("copy", "fast"):
+        p = probs(decode)
+        out[decode] = {"top1_agreement": round(float((p.argmax(1) == full.argmax(1)).mean()), 4),
+                       "max_abs_dp": round(float(np.abs(p - full).max()), 4)}
+    return out
 
 
 def run(model: Path, work: Path, out: Path, vga: int, phone: int, phone_many: int,
@@ -136,17 +131,16 @@ def run(model: Path, work: Path, out: Path, vga: int, phone: int, phone_many: in
         first = sorted(folder.rglob("*.jpg"))[0]
         shape = decode_for_model(first, resize).shape
         print(f"bench-predict: {kind} x {count}", flush=True)
+        network = round(network_rate(model, shape, threads), 1)
         entry: dict[str, Any] = {"kind": kind, "photos": count, "distinct": min(distinct, count),
-                                 "decoded_shape": list(shape),
-                                 "network_img_s": round(network_rate(model, shape, threads), 1)}
-        entry["predict"] = predict_child(model, folder, work / "out.jsonl", threads)
-        entry["ratio"] = round(entry["predict"]["img_s"] / entry["network_img_s"], 3)
+                                 "decoded_shape": list(shape), "network_img_s": network}
+        decodes = ("copy", "fast", "full") if count <= 2000 else ("copy",)
+        for decode in decodes:
+            row = predict_child(model, folder, work / "out.jsonl", threads, decode,
+                                limit=100 if decode == "full" else None)
+            entry[decode] = row | {"ratio": round(row["img_s"] / network, 3)}
         if count <= 2000:
-            entry["full_decode"] = predict_child(model, folder, work / "out.jsonl", threads,
-                                                 full_decode=True, limit=100)
-            entry["full_decode"]["ratio"] = round(entry["full_decode"]["img_s"] /
-                                                  entry["network_img_s"], 3)
-            entry["agreement_vs_full_decode"] = decode_agreement(model, folder, threads)
+            entry["agreement_vs_full"] = decode_agreement(model, folder, threads)
         report["kinds"].append(entry)
         print(markdown(report), flush=True)
     write_json(out, report)
@@ -158,19 +152,21 @@ def run(model: Path, work: Path, out: Path, vga: int, phone: int, phone_many: in
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Predict on a photo library ({report['cpu']}, {report['threads']} threads, "
              f"batch {report['batch_size']})", "",
-             "| photos | decoded to | network-only img/s | predict img/s | ratio | peak RSS MB | "
-             "full decode img/s (ratio, RSS MB) | top-1 agreement, max abs dp vs full | "
-             "vs prepare's copies |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "img/s of `pipeline predict` (its own rate) and its ratio to the network-only rate "
+             "on inputs of the decoded size, same run; peak RSS of the predict process.", "",
+             "| photos | decoded to | network-only img/s | decode | predict img/s | ratio | "
+             "peak RSS MB | vs full decode: top-1 agreement, max abs dp |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in report["kinds"]:
-        full = e.get("full_decode")
-        agree = e.get("agreement_vs_full_decode")
-        lines.append(
-            f"| {e['photos']} {e['kind']} | {e['decoded_shape'][1]}x{e['decoded_shape'][0]} | "
-            f"{e['network_img_s']} | {e['predict']['img_s']} | **{e['ratio']}** | "
-            f"{e['predict']['peak_rss_mb']} | "
-            + (f"{full['img_s']} ({full['ratio']}, {full['peak_rss_mb']})" if full else "—")
-            + " | " + (f"{agree['top1_agreement']}, {agree['max_abs_dp']}" if agree else "—")
-            + " | " + (f"{agree['vs_prepare_copies']['top1_agreement']}, "
-                       f"{agree['vs_prepare_copies']['max_abs_dp']}" if agree else "—") + " |")
+        agree = e.get("agreement_vs_full", {})
+        for decode in ("copy", "fast", "full"):
+            if decode not in e:
+                continue
+            row = e[decode]
+            vs = agree.get(decode)
+            lines.append(
+                f"| {e['photos']} {e['kind']} | {e['decoded_shape'][1]}x{e['decoded_shape'][0]} "
+                f"| {e['network_img_s']} | {decode}" + (" (100 photos)" if decode == "full" else "")
+                + f" | {row['img_s']} | **{row['ratio']}** | {row['peak_rss_mb']} | "
+                + (f"{vs['top1_agreement']}, {vs['max_abs_dp']}" if vs else "—") + " |")
     return "\n".join(lines) + "\n"

@@ -107,7 +107,7 @@ def open_output(out: Path | None, resume: bool, force: bool) -> tuple[TextIO, se
 
 
 def run(classifier: OnnxClassifier, paths: Sequence[Path], out: Path | None, *, top_k: int,
-        batch_size: int, workers: int | None, full_decode: bool, min_confidence: float,
+        batch_size: int, workers: int | None, decode: str, min_confidence: float,
         resume: bool, force: bool, as_json: bool, progress: bool) -> Summary:
     """Classify ``paths`` into ``out`` (or standard output) and return the summary."""
     from tqdm import tqdm
@@ -121,7 +121,7 @@ def run(classifier: OnnxClassifier, paths: Sequence[Path], out: Path | None, *, 
         if header:
             stream.write(",".join(CSV_HEADER) + "\n")
         results: Iterator[Prediction] = classifier.predict_files(
-            todo, top_k, batch_size, workers=workers, full_decode=full_decode)
+            todo, top_k, batch_size, workers=workers, decode=decode)
         bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not progress,
                    file=sys.stderr)
         for result in results:

@@ -307,8 +307,9 @@ def test_predict_cli_table_json_and_bad_images(exported, tmp_path):
     result = CliRunner().invoke(main, ["predict", "--model", model, str(paths[0]), str(bad),
                                        str(paths[1]), "--json", "--top-k", "2"])
     assert result.exit_code == 1, result.output
-    lines = [json.loads(line) for line in result.output.splitlines()]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["path"] for line in lines] == [str(paths[0]), str(bad), str(paths[1])]
+    assert "predict: 2 images" in result.stderr and "1 errors" in result.stderr
     assert "error" in lines[1] and "broken.png" not in lines[1]["error"]
     assert len(lines[0]["predictions"]) == 2 and lines[0]["provider"] == "CPUExecutionProvider"
     folder = tmp_path / "imgs"
@@ -327,13 +328,13 @@ def test_predict_marks_predictions_below_min_confidence(exported):
     paths, _ = _test_images(root)
     model = str(root / "out" / "model.onnx")
     args = ["predict", "--model", model, *map(str, paths), "--top-k", "1"]
-    lines = [json.loads(line) for line in CliRunner().invoke(main, args + ["--json"]).output
+    lines = [json.loads(line) for line in CliRunner().invoke(main, args + ["--json"]).stdout
              .splitlines()]
     top = [line["predictions"][0]["probability"] for line in lines]
     assert not any(line["uncertain"] for line in lines)  # default 0: nothing is uncertain
     threshold = float(np.median(top))
     marked = [json.loads(line) for line in CliRunner().invoke(
-        main, args + ["--json", "--min-confidence", str(threshold)]).output.splitlines()]
+        main, args + ["--json", "--min-confidence", str(threshold)]).stdout.splitlines()]
     assert [line["uncertain"] for line in marked] == [p < threshold for p in top]
     assert 0 < sum(p < threshold for p in top) < len(top)
     table = CliRunner().invoke(main, args + ["--min-confidence", str(threshold)])

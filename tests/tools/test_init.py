@@ -195,5 +195,6 @@ def test_init_then_dvc_repro_then_predict(tmp_path, cli_env):
 
     out = sh(["pipeline", "predict", "--model", "models/model.onnx", "--json",
               str(images / "class1" / "0.png")], proj, cli_env)
-    row = json.loads(out.strip().splitlines()[-1])
+    row = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert "predict: 1 images" in out  # the summary line (stderr)
     assert row["predictions"][0]["label"] in {"class0", "class1", "class2"}

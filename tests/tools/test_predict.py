@@ -37,11 +37,11 @@ def photo(path: Path, seed: int, size=(640, 480)) -> Path:
 def test_a_jpeg_is_decoded_as_prepare_decodes_its_copy_or_whole(tmp_path):
     big = photo(tmp_path / "big.jpg", 0, size=(1200, 900))
     copy = decode_for_model(big, 64)
-    # drafted to 1/8 (150x113 >= 64) where prepare keeps 1/4 (225 >= 128), then resized
-    assert copy.shape == (64, 84, 3) and np.array_equal(copy, decode_copy(big, 64,
+    assert copy.shape == (64, 85, 3) and np.array_equal(copy, decode_copy(big, 64))
+    # "fast": drafted to 1/8 (150x113 >= 64) where prepare keeps 1/4 (300x225 >= 128)
+    fast = decode_for_model(big, 64, draft_margin=1)
+    assert fast.shape == (64, 84, 3) and np.array_equal(fast, decode_copy(big, 64,
                                                                            draft_margin=1))
-    assert np.array_equal(decode_for_model(big, 64, draft_margin=2), decode_copy(big, 64))
-    assert not np.array_equal(copy, decode_copy(big, 64))
     assert decode_for_model(big, None).shape == (900, 1200, 3)
     small = colour_image(tmp_path / "s.png", 1, size=(20, 12))
     assert decode_for_model(small, 64).shape == (12, 20, 3)  # never enlarged
@@ -70,6 +70,21 @@ def test_the_ordered_map_keeps_order_and_reads_at_most_a_window_ahead():
     assert [0, *out] == [i * i for i in range(50)]
     assert list(ordered_thread_map(slow_square, range(5), workers=0, window=1)) == \
         [0, 1, 4, 9, 16]
+
+
+def test_each_decode_mode_reaches_the_model_and_a_wrong_one_is_refused(tmp_path):
+    from pipeline.core.errors import PipelineError
+
+    model = OnnxClassifier(channel_mean_model(tmp_path / "m.onnx", any_size=True))
+    seen = []
+    model.prepare = lambda pixels: seen.append(pixels.shape) or pixels
+    big = photo(tmp_path / "big.jpg", 1, size=(1200, 900))
+    for decode in ("copy", "fast", "full"):
+        (result,) = model.predict_files([big], decode=decode)
+        assert result.top[0][0] == "green"
+    assert seen == [(8, 10, 3), (8, 10, 3), (900, 1200, 3)]  # resize size 8
+    with pytest.raises(PipelineError, match="decode must be one of copy, fast, full"):
+        list(model.predict_files([big], decode="quick"))
 
 
 def test_decoding_threads_change_nothing_but_speed(tmp_path):
@@ -108,7 +123,8 @@ def test_out_jsonl_and_csv_summary_and_exit_status(library, tmp_path):
     assert {x["path"] for x in lines} == {str(p) for p in folder.rglob("*.jpg")}  # recursive
     assert "predict: 6 images" in result.output and "1 errors" in result.output
     assert "red 2" in result.output and "green 2" in result.output
-    invoke("--model", model, "--out", tmp_path / "r.csv", "--top-k", 2, folder)
+    invoke("--model", model, "--out", tmp_path / "r.csv", "--top-k", 2, "--decode", "full",
+           folder)
     rows = (tmp_path / "r.csv").read_text().splitlines()
     assert rows[0] == "path,label,probability,uncertain,top,error" and len(rows) == 8
     good = next(r for r in rows[1:] if r.endswith(","))
@@ -132,7 +148,8 @@ def test_an_existing_out_file_is_refused_unless_resume_or_force(library, tmp_pat
 
 
 def test_an_empty_folder_is_a_one_line_error_with_status_2(library, tmp_path):
-    model, _ = library
+    model, folder = library
+    assert invoke("--model", model, "--decode", "quick", folder).exit_code == 2
     (tmp_path / "empty").mkdir()
     result = invoke("--model", model, tmp_path / "empty")
     assert result.exit_code == 2 and "no image files in" in result.output
