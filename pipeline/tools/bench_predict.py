@@ -6,7 +6,7 @@ up to the count, so a 10,000-photo library costs no disk), then per kind, same r
 * **network-only** img/s: the model's session on ready inputs of the size the decoder hands it
   (batch 32, ``--threads``), no decoding;
 * **predict** img/s and peak RSS: ``pipeline predict --out FILE`` in a child process (its own
-  rate, after imports; RSS from ``wait4``), at batch 32, decoding threads ahead of the network,
+  rate, after imports; its own peak RSS, ``VmHWM``), at batch 32, decoding threads ahead of the network,
   for each ``--decode``: ``copy`` (the default: as ``prepare``), ``fast`` (a smaller DCT
   scale) and ``full`` (every pixel to the graph; on 100 photos);
 * how far ``copy`` and ``fast`` are from the full decode: top-1 agreement and max |delta p|.
@@ -68,6 +68,35 @@ def network_rate(model: Path, shape: tuple[int, ...], threads: int,
     return runs * BATCH / (time.perf_counter() - started)
 
 
+class PeakRss:
+    """The child's own peak RSS (``VmHWM``), read every 20 ms while it runs. ``wait4``'s
+    ``ru_maxrss`` is no use here: Linux carries the parent's peak into a child's figure when
+    the child execs, and this process holds a session and, after the agreement runs, full-size
+    photos."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.kb, self._pid, self._done = 0, pid, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            try:
+                status = Path(f"/proc/{self._pid}/status").read_text()
+            except OSError:
+                return
+            found = re.search(r"VmHWM:\s+(\d+) kB", status)
+            if found:
+                self.kb = max(self.kb, int(found.group(1)))
+            self._done.wait(0.02)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def predict_child(model: Path, folder: Path, out: Path, threads: int, decode: str = "copy",
                   limit: int | None = None) -> dict[str, Any]:
     """``pipeline predict`` in a child process: its own img/s and its peak RSS."""
@@ -78,15 +107,17 @@ def predict_child(model: Path, folder: Path, out: Path, threads: int, decode: st
                "--out", str(out), "--force", "--decode", decode, *inputs]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
+    peak = PeakRss(proc.pid)
     stderr = proc.stderr.read() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
+    status = proc.wait()
+    peak.stop()
     if status != 0:
         raise RuntimeError(f"predict failed ({status}): {stderr[-500:]}")
     rate = re.search(r"predict: (\d+) images in ([\d.]+) s \(([\d.]+) img/s\)", stderr)
     if rate is None:
         raise RuntimeError(f"no summary line in: {stderr[-500:]}")
     return {"images": int(rate.group(1)), "seconds": float(rate.group(2)),
-            "img_s": float(rate.group(3)), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+            "img_s": float(rate.group(3)), "peak_rss_mb": round(peak.kb / 1024, 1)}
 
 
 def decode_agreement(model: Path, folder: Path, threads: int, limit: int = 100) -> dict[str, Any]:
