@@ -265,7 +265,8 @@ class OnnxClassifier:
         short_side = None if margin is None else self.contract.preprocessing.resize_size
         workers = available_cpus() if workers is None else workers
 
-        def decode(path: str | Path) -> tuple[str, np.ndarray | str]:
+        def load(path: str | Path) -> tuple[str, np.ndarray | str]:
+            # with "full" (margin None) short_side is None and the margin is not used
             pixels = decode_for_model(path, short_side, max_pixels, margin or DRAFT_MARGIN)
             return str(path), pixels if isinstance(pixels, str) else self.prepare(pixels)
 
@@ -282,7 +283,7 @@ class OnnxClassifier:
 
         # full-size images: no more decoded ahead than a batch needs (12 MP is 36 MB each)
         window = batch_size + workers if margin is None else 2 * batch_size
-        for item in ordered_thread_map(decode, paths, workers, window):
+        for item in ordered_thread_map(load, paths, workers, window):
             chunk.append(item)
             if len(chunk) >= batch_size:
                 yield from flush()
