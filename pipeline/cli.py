@@ -110,8 +110,11 @@ def prepare(params_path: str, out: str) -> None:
             help="headline figure: backbone img/s (JSON)")
 @stage_path("features", "--report", type=click.Path(dir_okay=False),
             help="timings of this run (JSON)")
+@stage_path("features", "--reuse", type=click.Path(),
+            help="a cache the auto stage kept: copied when made for these params and data")
 @friendly_errors
-def features(params_path: str, prepared: str, out: str, metrics: str, report: str) -> None:
+def features(params_path: str, prepared: str, out: str, metrics: str, report: str,
+             reuse: str) -> None:
     """Run the frozen backbone once and cache features (params: backbone.*, features.*)."""
     from .core.config import load_params
     from .core.distributed import relaunch
@@ -125,8 +128,8 @@ def features(params_path: str, prepared: str, out: str, metrics: str, report: st
     if code is not None:
         raise SystemExit(code)
     result = run(backbone, params, prepared, out, report, backend=launcher.backend,
-                 metrics_path=metrics)
-    if is_main_process():
+                 metrics_path=metrics, reuse_dir=reuse)
+    if is_main_process() and not result.get("reused"):
         click.echo(f"features: {result['images']} images, {result['images_per_second_backbone']}"
                    f" img/s on {result['provider']} ({result['threads']} threads, "
                    f"{result['world_size']} process(es)) -> {out}")
@@ -162,15 +165,16 @@ def train_head(params_path: str, features_dir: str, model: str, config: str, met
 @params_option("cut_cache")
 @prepared_option("cut_cache")
 @stage_path("cut_cache", "--out", type=click.Path(), help="cut cache folder to write")
+@stage_path("cut_cache", "--reuse", type=click.Path(),
+            help="a cache the auto stage kept: copied when made for this cut, params and data")
 @friendly_errors
-def cut_cache(params_path: str, prepared: str, out: str) -> None:
+def cut_cache(params_path: str, prepared: str, out: str, reuse: str) -> None:
     """Cache the frozen prefix's activations at the fine-tuning cut (params: finetune.*)."""
     from .core.config import load_params
     from .stages.cut_cache import run
 
     sections = load_params(params_path, "backbone", "finetune")
-    meta = run(sections["backbone"],
-               sections["finetune"], prepared, out)
+    meta = run(sections["backbone"], sections["finetune"], prepared, out, reuse)
     if meta.get("cached"):
         click.echo(f"cut-cache: {meta['split_counts']} images x views {meta['views']}, "
                    f"activations {meta['activation_shape']} ({meta['dtype']}) before "
@@ -543,12 +547,31 @@ def advise(params_path: str, prepared: str, verify: int | None, backbones: list[
     if backbones:
         overrides["advise"]["backbones"] = backbones
     sections = load_params(params_path, "advise", "prepare", "backbone", "features",
-                           "train_head", "finetune", overrides=overrides)
+                           "train_head", "finetune", overrides=overrides, resolve_auto=False)
     if apply and not sections["advise"].verify:
         raise click.UsageError("--apply writes only a verified choice: add --verify K")
     run(AdviseConfig(sections["advise"], sections["prepare"], sections["backbone"],
                      sections["features"], sections["train_head"], sections["finetune"]),
         prepared, out, params_path if apply else None)
+
+
+@main.command()
+@params_option("auto")
+@prepared_option("auto")
+@stage_path("auto", "--out", type=click.Path(file_okay=False),
+            help="folder for choice.json, the advise report and the caches kept for reuse")
+@friendly_errors
+def auto(params_path: str, prepared: str, out: str) -> None:
+    """The auto stage: choose each `auto` param (backbone.layer, finetune.blocks/lr_*) by
+    training the candidates on this data (advise --verify), for the configured backbone."""
+    from .core.config import load_params
+    from .tools.advise import AdviseConfig, run_auto
+
+    sections = load_params(params_path, "advise", "prepare", "backbone", "features",
+                           "train_head", "finetune", resolve_auto=False)
+    run_auto(AdviseConfig(sections["advise"], sections["prepare"], sections["backbone"],
+                          sections["features"], sections["train_head"], sections["finetune"]),
+             prepared, out)
 
 
 @main.command("lr-find")

@@ -174,3 +174,81 @@ def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
     fifth = sh(["dvc", "repro"], tmp_path, cli_env)
     assert "Running stage 'cut_cache'" in fifth and "Running stage 'finetune'" in fifth
     assert json.loads((tmp_path / "reports" / "finetune.json").read_text())["blocks"] == 2
+
+
+AUTO_PARAMS = """\
+prepare:
+  source: sklearn-digits
+  path: data/images
+  max_images_per_class: 8
+  val_fraction: 0.25
+  test_fraction: 0.25
+backbone:
+  name: timm:test_efficientnet
+  weights: none
+  layer: auto
+launcher:
+  nproc_per_node: 1
+features:
+  batch_size: 16
+  threads: 2
+train_head:
+  epochs: 5
+  threads: 2
+finetune:
+  enabled: true
+  blocks: auto
+  mode: cut
+  views: 1
+  augment: light
+  cache_dtype: float32
+  seed: 0
+  epochs: 2
+  warmup_epochs: 0
+  batch_size: 8
+  threads: 2
+  lr_backbone: auto
+  lr_head: auto
+advise:
+  verify: 2
+  rung_epochs: 1
+  bootstrap: 50
+  threads: 2
+  workers: 0
+"""
+
+
+@pytest.mark.slow
+def test_auto_params_take_the_verified_choice_inside_dvc_repro(tmp_path, cli_env):
+    copy_project(tmp_path)
+    (tmp_path / "params.yaml").write_text(AUTO_PARAMS)
+    sh(["git", "init", "-q"], tmp_path, cli_env)
+    sh(["dvc", "init", "-q"], tmp_path, cli_env)
+    sh(["dvc", "config", "core.analytics", "false"], tmp_path, cli_env)
+    first = sh(["dvc", "repro", "finetune"], tmp_path, cli_env)
+
+    choice = json.loads((tmp_path / "data" / "auto" / "choice.json").read_text())
+    values = choice["values"]
+    assert choice["requested"] and choice["backbone"] == "timm:test_efficientnet"
+    report = json.loads((tmp_path / "data" / "auto" / "report.json").read_text())
+    assert report["auto"]["keys"] == ["backbone.layer", "finetune.blocks",
+                                      "finetune.lr_backbone", "finetune.lr_head"]
+    assert [c["backbone"] for c in report["candidates"]] == ["timm:test_efficientnet"]
+    assert report["verified"]["chosen"]["layer"] == values["backbone.layer"]
+    # the features stage copied the auto stage's cache instead of running the backbone
+    assert json.loads((tmp_path / "reports" / "features.json").read_text())["reused"] == \
+        "data/auto/features"
+    assert "features: reused the auto stage's cache" in first
+    model = json.loads((tmp_path / "models" / "model.json").read_text())
+    assert model["backbone"].get("layer", "last") == values["backbone.layer"]
+    tuned = json.loads((tmp_path / "reports" / "finetune.json").read_text())
+    assert tuned["enabled"] is values["finetune.enabled"]
+    if values["finetune.enabled"]:
+        assert tuned["blocks"] == values["finetune.blocks"]
+        assert model["params"]["lr_backbone"] == values["finetune.lr_backbone"]
+        assert "cut_cache: reused the auto stage's cache" in first
+    else:
+        assert tuned["mode"] == "head-only"
+    # nothing changed: nothing runs again (the auto stage is not re-run for nothing)
+    again = sh(["dvc", "repro", "finetune"], tmp_path, cli_env)
+    assert re.findall(r"Running stage '(\w+)'", again) == [], again

@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.core.fingerprint import import_closure
 from pipeline.core.fingerprint import imported_modules as _imported_modules
 from pipeline.core.paths import PATHS, ProjectPaths
-from pipeline.core.stage_table import MODULE_STAGES, render_dvc_yaml
+from pipeline.core.stage_table import MODULE_STAGES, STAGE, STAGES, render_dvc_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipeline"
@@ -36,7 +36,12 @@ def stage_modules() -> list[Path]:
 
 
 def test_every_dvc_stage_has_one_stage_module_and_back():
-    assert {p.stem for p in stage_modules()} == set(DVC) == set(MODULE_STAGES)
+    """Each DVC stage runs one module: its own in pipeline/stages, or (the tools that chain
+    stages, such as auto) the one the stage table names."""
+    tool_stages = {s.name for s in STAGES if s.module}
+    assert tool_stages == {"auto"}
+    assert all((PACKAGE / STAGE[s].module_path).is_file() for s in tool_stages)
+    assert {p.stem for p in stage_modules()} | tool_stages == set(DVC) == set(MODULE_STAGES)
 
 
 def test_the_committed_dvc_yaml_is_the_rendering_of_the_stage_table():
@@ -69,7 +74,7 @@ def covered(file: Path, deps: list[str]) -> bool:
 def test_dvc_deps_cover_every_file_the_stage_runs(stage):
     """A change to any package file that a stage runs must re-run it under `dvc repro`."""
     deps = [d for d in DVC[stage]["deps"] if isinstance(d, str)]
-    files = closure(PACKAGE / "stages" / f"{stage}.py")
+    files = closure(PACKAGE / STAGE[stage].module_path)
     missing = sorted(f.relative_to(REPO).as_posix() for f in files if not covered(f, deps))
     assert not missing, f"dvc.yaml stage {stage} misses deps on {missing}"
 

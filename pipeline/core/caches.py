@@ -106,3 +106,28 @@ class CutCache:
 
     def labels(self, name: str) -> np.ndarray:
         return np.load(self.folder / f"{name}_labels.npy")
+
+
+def reuse_cache(source: str | Path | None, expected: dict[str, Any], out_dir: str | Path) -> bool:
+    """Copy the cache in ``source`` to ``out_dir`` (atomically) when its ``meta.json`` agrees
+    with every key of ``expected``, the meta this run would write: the same code made it from
+    the same inputs, so the bytes are the ones a fresh run would write. False (nothing
+    written) when there is no such cache."""
+    import shutil
+
+    from .atomic import atomic_dir
+
+    if source is None:
+        return False
+    meta_path = Path(source) / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in
+                                         json.loads(json.dumps(expected)).items()):
+        return False
+    with atomic_dir(out_dir) as tmp:
+        for item in Path(source).iterdir():
+            shutil.copy2(item, tmp / item.name)
+    return True

@@ -69,8 +69,9 @@ class BackboneParams:
     name: str = param(EMBEDDED_DEFAULT, help="registry name: efficientnet_lite0, "
                       "torchvision:<model>, timm:<model>")
     weights: str = param("default", help="default | none | torchvision enum name | local file")
-    layer: Union[int, Literal["last"]] = param("last", ge=0, help="features from the end of "
-                                               "this block group (0 = stem) or the last layer")
+    layer: Union[int, Literal["last", "auto"]] = param(
+        "last", ge=0, help="features from the end of this block group (0 = stem), the last "
+        "layer, or auto (the auto stage's verified choice)")
 
     def validate(self, section: str) -> None:
         if not self.name.strip():
@@ -140,15 +141,17 @@ class FinetuneParams:
     """``finetune`` section of params.yaml."""
 
     enabled: bool = True
-    blocks: Union[int, Literal["all"]] = param(2, ge=0, help="trailing block groups to train")
+    blocks: Union[int, Literal["all", "auto"]] = param(
+        2, ge=0, help="trailing block groups to train; auto: the auto stage's verified choice "
+        "(a head-only choice turns fine-tuning off)")
     mode: Literal["cut", "classic"] = "cut"
     views: int = param(4, ge=1, le=64, help="cached augmented views per training image")
     augment: Augment = "light"
     cache_dtype: Literal["float32", "float16"] = "float32"
     epochs: int = param(20, ge=1)
     batch_size: int = param(32, ge=1)
-    lr_backbone: float = param(3e-4, gt=0.0, le=1.0)
-    lr_head: float = param(3e-4, gt=0.0, le=1.0)
+    lr_backbone: Union[float, Literal["auto"]] = param(3e-4, gt=0.0, le=1.0)
+    lr_head: Union[float, Literal["auto"]] = param(3e-4, gt=0.0, le=1.0)
     weight_decay: float = param(0.01, ge=0.0)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = param(2, ge=0)
@@ -276,10 +279,13 @@ SECTIONS: dict[str, type] = {
 
 
 def load_params(path: str | Path, *sections: str,
-                overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                overrides: dict[str, dict[str, Any]] | None = None,
+                resolve_auto: bool = True) -> dict[str, Any]:
     """Read the params file once and parse ``sections`` (all of them when none are named);
     a missing section gets its defaults; ``overrides`` (section -> keys) are applied before
-    validation (command-line options). Errors name the file and the key."""
+    validation (command-line options). Errors name the file and the key. ``auto`` values are
+    replaced by the auto stage's choice (its ``choice.json`` beside the params file), unless
+    ``resolve_auto`` is false (the auto stage itself)."""
     data = load_params_file(path)
     parsed = {}
     for name in sections or tuple(SECTIONS):
@@ -290,4 +296,8 @@ def load_params(path: str | Path, *sections: str,
             parsed[name] = parse_section(SECTIONS[name], section, name)
         except ParamsError as exc:
             raise ParamsError(f"{path}: {exc}") from None
+    if resolve_auto:
+        from .auto import resolve
+
+        parsed = resolve(parsed, Path(path).parent / PATHS.auto_choice)
     return parsed

@@ -70,8 +70,10 @@ def import_closure(path: Path, root: Path = PACKAGE_ROOT) -> set[Path]:
 
 def stage_fingerprint(stage: str, root: Path = PACKAGE_ROOT) -> str:
     """SHA-256 over the relative path and bytes of every file the stage runs."""
+    from .stage_table import STAGE
+
     digest = hashlib.sha256()
-    for f in sorted(import_closure(root / "stages" / f"{stage}.py", root)):
+    for f in sorted(import_closure(root / STAGE[stage].module_path, root)):
         digest.update(f.relative_to(root).as_posix().encode() + b"\0")
         digest.update(f.read_bytes() + b"\0")
     return digest.hexdigest()

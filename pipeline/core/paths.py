@@ -41,6 +41,15 @@ class ProjectPaths:
         return self._p("data/cut_cache")
 
     @property
+    def auto(self) -> Path:
+        """The auto stage's folder: ``choice.json``, its advise report and reusable caches."""
+        return self._p("data/auto")
+
+    @property
+    def auto_choice(self) -> Path:
+        return self.auto / "choice.json"
+
+    @property
     def head(self) -> Path:
         return self._p("models/head.safetensors")
 

@@ -56,7 +56,13 @@ class Stage:
     outs: tuple[Extra, ...] = ()
     params_note: str = ""
     always_changed: bool = False
-    has_module: bool = True  # pipeline/stages/<name>.py (fingerprinted, deps from its imports)
+    has_module: bool = True  # fingerprinted, deps from its module's imports
+    # the module the command runs, under pipeline/: a stage's own, or a tool that chains stages
+    module: str = ""
+
+    @property
+    def module_path(self) -> str:
+        return self.module or f"stages/{self.name}.py"
 
     @property
     def command(self) -> str:
@@ -93,10 +99,16 @@ PARAMS = _p("--params", PATHS.params, "pass")
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", ("prepare",), (PARAMS, _p("--out", PATHS.prepared, "out")),
           deps=(Extra("${prepare.path}"),)),
+    Stage("auto", ("backbone", "features", "train_head", "finetune", "advise"), (
+        PARAMS, _p("--prepared", PATHS.prepared, "dep"), _p("--out", PATHS.auto, "out")),
+        params_note="chooses the `auto` params by training; seconds when none is auto",
+        module="tools/advise.py"),
     Stage("features", ("backbone", "features", "launcher"), (
         PARAMS, _p("--prepared", PATHS.prepared, "dep"), _p("--out", PATHS.features, "out"),
         _p("--metrics", PATHS.metrics_file("features"), "metric"),
-        _p("--report", PATHS.report_file("features"), "uncached"))),
+        _p("--report", PATHS.report_file("features"), "uncached"),
+        _p("--reuse", PATHS.auto / "features", "pass")),
+        deps=(Extra(str(PATHS.auto), note="auto's choice (backbone.layer: auto) and its cache"),)),
     Stage("train_head", ("train_head",), (
         PARAMS, _p("--features", PATHS.features, "dep"), _p("--model", PATHS.head, "out"),
         _p("--config", PATHS.head_config, "out"),
@@ -106,7 +118,9 @@ STAGES: tuple[Stage, ...] = (
         outs=(Extra(f"{PATHS.plots_dir('head')}/training.csv", False, "shown by the plots below"),
               Extra(f"{PATHS.plots_dir('head')}/confusion.csv", False))),
     Stage("cut_cache", ("backbone",) + tuple(f"finetune.{k}" for k in CUT_CACHE_KEYS), (
-        PARAMS, _p("--prepared", PATHS.prepared, "dep"), _p("--out", PATHS.cut_cache, "out")),
+        PARAMS, _p("--prepared", PATHS.prepared, "dep"), _p("--out", PATHS.cut_cache, "out"),
+        _p("--reuse", PATHS.auto / "cut_cache", "pass")),
+        deps=(Extra(str(PATHS.auto), note="auto's choice (finetune.blocks: auto) and its cache"),),
         params_note="exactly the keys that decide the cache's bytes (CUT_CACHE_KEYS)"),
     Stage("finetune", ("backbone", "finetune", "launcher"), (
         PARAMS, _p("--prepared", PATHS.prepared, "dep"),
@@ -117,6 +131,7 @@ STAGES: tuple[Stage, ...] = (
         _p("--report", PATHS.report_file("finetune"), "uncached"),
         _p("--timing", PATHS.finetune_timing, "uncached", "seconds per epoch: differ between runs"),
         _p("--plots", PATHS.plots_dir("finetune"), "pass")),
+        deps=(Extra(str(PATHS.auto_choice), note="what finetune's auto params become"),),
         outs=(Extra(f"{PATHS.plots_dir('finetune')}/training.csv", False),
               Extra(f"{PATHS.plots_dir('finetune')}/confusion.csv", False))),
     Stage("export", ("export",), (
@@ -203,13 +218,18 @@ plots:
 
 def code_deps(stage: str) -> list[str]:
     """This repository's deps on the package: the stage's module, the packages' ``__init__``
-    files, and every room (``pipeline/core``, ``pipeline/onnx``) whose files it imports."""
+    files, the stage and tool modules it chains (each file), and every shared room
+    (``pipeline/core``, ``pipeline/onnx``) whose files it imports."""
     repo = PACKAGE_ROOT.parent
-    out = ["pipeline/__init__.py", "pipeline/stages/__init__.py", f"pipeline/stages/{stage}.py"]
-    rooms = sorted({f.parent.relative_to(repo).as_posix()
-                    for f in import_closure(PACKAGE_ROOT / "stages" / f"{stage}.py")
-                    if f.parent != PACKAGE_ROOT and f.parent.name != "stages"})
-    return out + rooms
+    first = ["pipeline/__init__.py", "pipeline/stages/__init__.py"]
+    module = PACKAGE_ROOT / STAGE[stage].module_path
+    closure = import_closure(module)
+    files = sorted({f.relative_to(repo).as_posix() for f in closure | {module}
+                    | {module.parent / "__init__.py"}
+                    if f.parent.name in ("stages", "tools")} - set(first))
+    rooms = sorted({f.parent.relative_to(repo).as_posix() for f in closure
+                    if f.parent != PACKAGE_ROOT and f.parent.name not in ("stages", "tools")})
+    return first + files + rooms
 
 
 def _item(path: str, note: str = "", cached: bool = True, indent: str = "      ") -> list[str]:

@@ -17,6 +17,7 @@ Run: ``pipeline cut-cache --prepared data/prepared --out data/cut_cache``
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..core.atomic import atomic_dir, write_json
 from ..core.backbones import Backbone, build_backbone
 from ..core.batches import image_batches, sequential_batches
 from ..core.blocks import Split, split_backbone
-from ..core.caches import CUT_CACHE_FORMAT, cache_params, uses_cache
+from ..core.caches import CUT_CACHE_FORMAT, cache_params, reuse_cache, uses_cache
 from ..core.config import VERIFY_TOLERANCE, BackboneParams, FinetuneParams
 from ..core.copies import PreparedImages
 from ..core.dataset import SPLITS, read_prepared, split_rows
@@ -102,8 +103,9 @@ def write_arrays(split: Split, backbone: Backbone, images: PreparedImages,
 
 
 def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: str | Path,
-        out_dir: str | Path) -> dict[str, Any]:
-    """Write the cut cache (or its 'nothing to cache' meta) to ``out_dir``."""
+        out_dir: str | Path, reuse_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write the cut cache (or its 'nothing to cache' meta) to ``out_dir``; ``reuse_dir``: a
+    cache the auto stage kept, copied instead when it was made for this cut, params and data."""
     import torch
 
     threads = resolve_threads(params.threads)
@@ -120,6 +122,11 @@ def run(backbone_params: BackboneParams, params: FinetuneParams, prepared_dir: s
         "params": cache_params(params),
     }
     started = time.perf_counter()
+    if uses_cache(params, split) and reuse_cache(reuse_dir, meta, out_dir):
+        print(f"cut_cache: reused the auto stage's cache {reuse_dir} (same cut, params and data)")
+        written = json.loads((Path(out_dir) / "meta.json").read_text(encoding="utf-8"))
+        return written | {"reused": str(reuse_dir),
+                          "seconds": round(time.perf_counter() - started, 3)}
     with atomic_dir(out_dir) as tmp:
         if not uses_cache(params, split):
             meta["cached"] = False

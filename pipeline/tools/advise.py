@@ -279,8 +279,10 @@ def _finetune_chain(cfg: AdviseConfig, backbone: BackboneParams, ft: FinetunePar
 
 
 def verify(cfg: AdviseConfig, ranked: list[dict[str, Any]], num_groups: dict[str, int],
-           copies: Copies, resize: dict[str, int], work: Path) -> dict[str, Any]:
-    """Train the top ``advise.verify`` heads and race two fine-tunes; see the module doc."""
+           copies: Copies, resize: dict[str, int], work: Path,
+           race_layer: int | str = "last") -> dict[str, Any]:
+    """Train the top ``advise.verify`` heads and race two fine-tunes (of the network cut at
+    ``race_layer``); see the module doc."""
     heads = []
     for i, row in enumerate(ranked[:cfg.advise.verify]):
         bb = _backbone(cfg, row["backbone"], row["layer"])
@@ -292,20 +294,26 @@ def verify(cfg: AdviseConfig, ranked: list[dict[str, Any]], num_groups: dict[str
     taus = {name: scores.kendall_tau([_score(r, name) for r in ranked[:len(heads)]],
                                      [h["val_accuracy"] for h in heads])
             for name in ("logme", "probe", "knn")}
-    # fine-tune the best verified backbone at its last layer: today's params and a deeper one
+    # fine-tune the best verified backbone cut at race_layer: today's params and a deeper one
     best_head = max(heads, key=lambda h: h["val_accuracy"])
     name = best_head["backbone"]
     head_work = next((work / h["work"] for h in heads
-                      if h["backbone"] == name and h["layer"] == "last"), None)
-    bb = _backbone(cfg, name, "last")
+                      if h["backbone"] == name and h["layer"] == race_layer), None)
+    bb = _backbone(cfg, name, race_layer)
     prepared = copies.folder_for(resize[name])
     if head_work is None:
         head_work = work / "head_last"
         _head_chain(cfg, bb, prepared, head_work)
+    if race_layer == "last":
+        groups = num_groups[name]
+    else:  # the network cut at race_layer has fewer block groups
+        from ..core.backbones import build_backbone
+
+        groups = len(build_backbone(bb).block_groups)
     base = dataclasses.replace(cfg.finetune, enabled=True)
     racers = {
         "params": base,
-        "deep": dataclasses.replace(base, blocks=deep_blocks(num_groups[name]),
+        "deep": dataclasses.replace(base, blocks=deep_blocks(groups),
                                     lr_backbone=DEEP_LR, lr_head=DEEP_LR),
     }
     rung1 = {}
@@ -325,13 +333,18 @@ def verify(cfg: AdviseConfig, ranked: list[dict[str, Any]], num_groups: dict[str
     finetunes = [{"racer": label, "rung": 1, **_ft_fields(racers[label]), **rung1[label]}
                  for label in racers]
     finetunes.append({"racer": winner, "rung": 2, **_ft_fields(racers[winner]), **final})
-    finals = [h for h in heads] + [{"backbone": name, "layer": "last", **f}
+    finals = [h for h in heads] + [{"backbone": name, "layer": race_layer, **f}
                                    for f in finetunes if f["rung"] == 2]
     # best val; ties go to the cheaper: a head before a fine-tune, an earlier candidate first
     chosen = max(finals, key=lambda r: (r["val_accuracy"], -finals.index(r)))
+    if chosen["finetune"]["enabled"]:  # the chain runs train_head at the last layer first
+        caches = {"folder": prepared, "features": ProjectPaths(head_work).features,
+                  "cut_cache": ProjectPaths(work / f"ft_{winner}").cut_cache}
+    else:
+        caches = {"folder": prepared, "features": ProjectPaths(work / chosen["work"]).features}
     return {"heads": [{k: v for k, v in h.items() if k != "work"} for h in heads],
             "finetunes": finetunes, "kendall_tau_vs_val": taus,
-            "chosen": {k: v for k, v in chosen.items() if k != "work"}}
+            "chosen": {k: v for k, v in chosen.items() if k != "work"}, "caches": caches}
 
 
 def apply_to_params(params_path: Path, lines: list[str]) -> None:
@@ -383,6 +396,7 @@ def run(cfg: AdviseConfig, prepared_dir: str | Path, out_path: str | Path,
     import torch
 
     prepared_dir, out_path = Path(prepared_dir), Path(out_path)
+    cfg = concrete(cfg)
     params = cfg.advise
     torch.set_num_threads(resolve_threads(params.threads))
     started = time.perf_counter()
@@ -393,23 +407,110 @@ def run(cfg: AdviseConfig, prepared_dir: str | Path, out_path: str | Path,
     with tempfile.TemporaryDirectory() as tmp:
         copies = Copies(cfg.prepare, prepared_dir, Path(tmp))
         report = _score_and_verify(cfg, copies, classes, rows, sample, labels, started)
+        report.get("verified", {}).pop("caches", None)
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["params"] = dataclasses.asdict(params)
     report["machine"] = machine_fingerprint()
-    write_json(out_path, report)
-    write_text(out_path.with_suffix(".md"), markdown(report))
-    plot(report, out_path.with_suffix(".png"))
-    print(markdown(report))
-    print(f"wrote {out_path}, {out_path.with_suffix('.md')}, {out_path.with_suffix('.png')}")
+    write_reports(report, out_path)
     if apply_to is not None:
         apply_to_params(Path(apply_to), report["verified"]["params"])
         print(f"applied to {apply_to}: {' '.join(report['verified']['params'])}; run dvc repro")
     return report
 
 
+def write_reports(report: dict[str, Any], out_path: Path) -> None:
+    """``out_path`` (JSON) with its ``.md`` and ``.png`` beside it, each atomically."""
+    write_json(out_path, report)
+    write_text(out_path.with_suffix(".md"), markdown(report))
+    plot(report, out_path.with_suffix(".png"))
+    print(markdown(report))
+    print(f"wrote {out_path}, {out_path.with_suffix('.md')}, {out_path.with_suffix('.png')}")
+
+
+def concrete(cfg: AdviseConfig) -> AdviseConfig:
+    """``cfg`` with ``auto`` params at their defaults: advise measures the choices ``auto``
+    stands for, so today's fixed defaults are the baseline it races."""
+    from ..core.auto import AUTO
+
+    ft_defaults, ft = FinetuneParams(), cfg.finetune
+    changes = {key: getattr(ft_defaults, key) for key in ("blocks", "lr_backbone", "lr_head")
+               if getattr(ft, key) == AUTO}
+    layer = "last" if cfg.backbone.layer == AUTO else cfg.backbone.layer
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(ft, **changes),
+                               backbone=dataclasses.replace(cfg.backbone, layer=layer))
+
+
+def run_auto(cfg: AdviseConfig, prepared_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """The ``auto`` stage: when a param is ``auto``, verify the configured backbone's layers
+    and fine-tuning on the real splits and write ``choice.json`` (what :mod:`pipeline.core.auto`
+    puts in for each ``auto``), the advise report, and the winner's feature and cut caches
+    (``features/``, ``cut_cache/``) for those stages to reuse instead of running the backbone
+    again. With nothing ``auto`` it writes only ``{"requested": false}``: seconds, not minutes.
+    """
+    import shutil
+
+    from ..core import auto
+    from ..core.atomic import atomic_dir
+
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    wanted = auto.auto_keys({"backbone": cfg.backbone, "finetune": cfg.finetune})
+    with atomic_dir(out_dir) as tmp:
+        if not wanted:
+            write_json(tmp / "choice.json", auto.not_requested())
+            print("auto: no param is auto; nothing to choose")
+            return auto.not_requested()
+        if cfg.advise.verify < 1:
+            raise PipelineError(f"{', '.join(wanted)}: auto takes a verified choice; set "
+                                "advise.verify to the layers to train (e.g. 3)")
+        only_layer = None if cfg.backbone.layer == auto.AUTO else cfg.backbone.layer
+        cfg = concrete(dataclasses.replace(
+            cfg, advise=dataclasses.replace(cfg.advise, backbones=(cfg.backbone.name,))))
+        import torch
+
+        torch.set_num_threads(resolve_threads(cfg.advise.threads))
+        started = time.perf_counter()
+        summary, classes, rows = read_prepared(prepared_dir)
+        sample = sample_rows(rows, cfg.advise.max_images_per_class, cfg.advise.seed)
+        class_index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([class_index[r["label"]] for r in sample], dtype=np.int64)
+        with tempfile.TemporaryDirectory() as work:
+            copies = Copies(cfg.prepare, prepared_dir, Path(work))
+            report = _score_and_verify(cfg, copies, classes, rows, sample, labels, started,
+                                       only_layer)
+            caches = report["verified"].pop("caches")
+            reused = []
+            if caches["folder"] == prepared_dir:  # caches of re-prepared copies differ
+                for name in ("features", "cut_cache"):
+                    if name in caches and (caches[name] / "meta.json").is_file():
+                        shutil.copytree(caches[name], tmp / name)
+                        reused.append(name)
+        chosen = report["verified"]["chosen"]
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        report["params"] = dataclasses.asdict(cfg.advise)
+        report["machine"] = machine_fingerprint()
+        report["auto"] = {"keys": wanted, "caches": reused}
+        made = auto.choice(chosen["layer"], chosen["finetune"], cfg.backbone.name,
+                           summary["manifest_sha256"],
+                           {"val_accuracy": chosen["val_accuracy"],
+                            "heads_verified": len(report["verified"]["heads"]),
+                            "recommendation_survived":
+                                report["verified"]["recommendation_survived"]})
+        write_json(tmp / "choice.json", made)
+        write_reports(report, tmp / "report.json")
+    chose = ", ".join(f"{key}={made['values'][key]}" if made["values"][key] is not None
+                      else f"{key}=default (no fine-tuning chosen)" for key in wanted)
+    print(f"auto: {chose} (val accuracy "
+          f"{chosen['val_accuracy']:.4f}); caches kept for reuse: {', '.join(reused) or 'none'}")
+    return made
+
+
 def _score_and_verify(cfg: AdviseConfig, copies: Copies, classes: list[str],
                       rows: list[dict[str, str]], sample: list[dict[str, str]],
-                      labels: np.ndarray, started: float) -> dict[str, Any]:
+                      labels: np.ndarray, started: float,
+                      only_layer: int | str | None = None) -> dict[str, Any]:
+    """Scores, regime and (with ``advise.verify``) the verified choice; with ``only_layer``
+    the verified heads are that layer's only. A verified report carries ``caches`` (the
+    winner's feature and cut caches in ``copies.work``) for the caller to keep or drop."""
     from ..core.backbones import build_backbone
 
     params = cfg.advise
@@ -442,6 +543,11 @@ def _score_and_verify(cfg: AdviseConfig, copies: Copies, classes: list[str],
     ranked = sorted(({"backbone": c["backbone"], **layer} for c in candidates
                      for layer in c["layers"]),
                     key=lambda r: (-r["probe"]["accuracy"], -r["logme"]))
+    if only_layer is not None:
+        ranked = [r for r in ranked if r["layer"] == only_layer]
+        if not ranked:
+            raise PipelineError(f"advise: backbone.layer {only_layer} is not a layer of the "
+                                "candidate backbone; use a block-group index, last or auto")
     best = ranked[0]["backbone"]
     best_layers = next(c["layers"] for c in candidates if c["backbone"] == best)
     regime = place(float(np.median(train_counts)), best_layers, num_groups[best], params,
@@ -459,7 +565,8 @@ def _score_and_verify(cfg: AdviseConfig, copies: Copies, classes: list[str],
         "score_seconds": round(time.perf_counter() - started, 1),
     }
     if params.verify:
-        checked = verify(cfg, ranked, num_groups, copies, resize, copies.work / "verify")
+        checked = verify(cfg, ranked, num_groups, copies, resize, copies.work / "verify",
+                         "last" if only_layer is None else only_layer)
         chosen = checked["chosen"]
         checked["recommendation_survived"] = (
             (chosen["backbone"], chosen["layer"], chosen["finetune"]["enabled"]) ==

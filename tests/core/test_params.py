@@ -127,7 +127,7 @@ def test_cli_invalid_yaml(tmp_path):
     (ExportParams, "export", "fast", "export must be a mapping of keys (got 'fast')"),
     # a union holding a Literal names the type and the choices
     (FinetuneParams, "finetune", {"blocks": "some"},
-     "finetune.blocks must be int or one of 'all' (got 'some')"),
+     "finetune.blocks must be int or one of 'all', 'auto' (got 'some')"),
 ])
 def test_each_kind_of_bad_value_gets_its_own_message(cls, section, data, message):
     with pytest.raises(ParamsError) as err:

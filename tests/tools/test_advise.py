@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -207,3 +208,53 @@ def test_apply_needs_a_verified_choice(tmp_path):
     result = CliRunner().invoke(main, ["advise", "--params", str(tmp_path / "params.yaml"),
                                        "--apply"])
     assert result.exit_code == 2 and "--apply writes only a verified choice" in result.output
+
+
+def test_the_auto_stage_with_nothing_auto_writes_only_not_requested(project, tmp_path):
+    write_params(tmp_path / "params.yaml", verify=0)
+    out = tmp_path / "auto"
+    result = CliRunner().invoke(main, ["auto", "--params", str(tmp_path / "params.yaml"),
+                                       "--prepared", str(project / "prepared"),
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "choice.json").read_text()) == {
+        "format": "pipeline-auto-choice/1", "requested": False}
+    assert sorted(p.name for p in out.iterdir()) == ["choice.json"]
+    assert "nothing to choose" in result.output
+
+
+def test_the_auto_stage_needs_a_verified_choice(project, tmp_path):
+    write_params(tmp_path / "params.yaml", verify=0)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["finetune"]["blocks"] = "auto"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(main, ["auto", "--params", str(tmp_path / "params.yaml"),
+                                       "--prepared", str(project / "prepared"),
+                                       "--out", str(tmp_path / "auto")])
+    assert result.exit_code != 0
+    assert "finetune.blocks: auto takes a verified choice; set advise.verify" in result.output
+    assert not (tmp_path / "auto").exists()
+    # the stages that read auto params say what to run first
+    result = CliRunner().invoke(main, ["cut-cache", "--params", str(tmp_path / "params.yaml"),
+                                       "--prepared", str(project / "prepared"),
+                                       "--out", str(tmp_path / "cut")])
+    assert result.exit_code != 0 and "dvc repro auto" in result.output
+
+
+def test_a_kept_cut_cache_is_what_a_fresh_run_writes(project, tmp_path):
+    from pipeline.core.config import BackboneParams, FinetuneParams
+    from pipeline.stages.cut_cache import run as cut_cache
+
+    backbone = BackboneParams(**TINY_BACKBONE)
+    ft = FinetuneParams(blocks=1, views=1, batch_size=8, threads=2)
+    cut_cache(backbone, ft, project / "prepared", tmp_path / "kept")
+    meta = cut_cache(backbone, ft, project / "prepared", tmp_path / "copy", tmp_path / "kept")
+    assert meta["reused"] == str(tmp_path / "kept")
+    fresh = cut_cache(backbone, ft, project / "prepared", tmp_path / "fresh")
+    assert "reused" not in fresh
+    for item in (tmp_path / "fresh").iterdir():
+        assert (tmp_path / "copy" / item.name).read_bytes() == item.read_bytes()
+    # another cut is not this cache: computed, not copied
+    other = cut_cache(backbone, dataclasses.replace(ft, blocks=2), project / "prepared",
+                      tmp_path / "other", tmp_path / "kept")
+    assert "reused" not in other and other["cut"] != meta["cut"]
