@@ -150,9 +150,12 @@ def exported(tmp_path_factory):
     # broken variant shows as lost agreement, not as noise around chance
     train_tiny_model(root, BackboneParams(**TINY_BACKBONE), per_class=20, head_epochs=60)
     # 40 test images: one image is 2.5 points, so INT8 may lose two of them here; this random-
-    # init network loses three with 7-bit weights, so the fixture quantises with 8-bit ones
+    # init network loses three with 7-bit weights, so the fixture quantises with 8-bit ones.
+    # Its random features move under INT8 more than a trained network's: the detector's pass
+    # rate on test moves by up to 0.2 here (the default digits model: metrics/export.json)
     report = export(ExportParams(threads=2, int8_max_accuracy_drop=0.05,
-                                 int8_reduce_range=False), root / "model.safetensors",
+                                 int8_reduce_range=False, ood_max_pass_change=0.25),
+                    root / "model.safetensors",
                     root / "model.json", root / "prepared", root / "out" / "model.onnx",
                     root / "out" / "variants", root / "export.json", root / "calibration")
     _to_fixture_cache("exported", root)

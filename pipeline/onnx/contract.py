@@ -13,6 +13,9 @@ from typing import Any, Callable
 
 CONTRACT = "pipeline-image-classifier/1"
 INPUT_NAME = "image"
+# the optional second output: in [0, 1], higher = more like the training data; the
+# ``out_of_distribution`` key says how it was fitted and where an app should cut it
+OOD_OUTPUT = "in_distribution"
 
 
 def _text(value: Any) -> str:
@@ -63,6 +66,9 @@ FIELDS: tuple[Field, ...] = (
     Field("training_metrics", json.dumps, json.loads),
     Field("training_manifest_sha256"),
     Field("finetune", json.dumps, json.loads),
+    # {"method", "threshold" (on in_distribution), "score_threshold", "scale", "tpr_on_val"}
+    # or {"method": "none", "reason": ...}
+    Field("out_of_distribution", json.dumps, json.loads),
 )
 KEYS = tuple(f.key for f in FIELDS)
 

@@ -17,6 +17,7 @@ import numpy as np
 from ..core.atomic import atomic_file
 from ..core.errors import PipelineError
 from ..core.preprocess import Preprocessing
+from .contract import OOD_OUTPUT
 
 DEFAULT_OPSET = 18
 
@@ -208,9 +209,11 @@ def _forward_arg_names(model: Any) -> list[str]:
 
 
 def deployable(classifier: Any, pp: Preprocessing, input_kind: str,
-               temperature: float = 1.0) -> Any:
-    """Wrap the classifier: (uint8 NHWC | normalised float NCHW) -> (probabilities, logits);
-    probabilities = softmax(logits / temperature)."""
+               temperature: float = 1.0, in_distribution: Any = None) -> Any:
+    """Wrap the classifier: (uint8 NHWC | normalised float NCHW) -> (probabilities, logits
+    [, in_distribution]); probabilities = softmax(logits / temperature); ``in_distribution``
+    (a module of pooled features and logits, :func:`pipeline.core.ood.torch_module`) adds
+    the third output."""
     import torch
     from torch import nn
 
@@ -218,21 +221,52 @@ def deployable(classifier: Any, pp: Preprocessing, input_kind: str,
         def __init__(self) -> None:
             super().__init__()
             self.classifier = classifier
+            self.in_distribution = in_distribution
             self.input_kind, self.temperature = input_kind, float(temperature)
             self.register_buffer("mean", torch.tensor(pp.mean).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(pp.std).view(1, 3, 1, 1))
 
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
             if self.input_kind == "uint8_nhwc":
                 x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
                 x = (x - self.mean) / self.std
             else:
                 x = image
-            logits = self.classifier(x)
+            features = self.classifier.backbone(x)
+            logits = self.classifier.head(features)
             scaled = logits / self.temperature if self.temperature != 1.0 else logits
-            return torch.softmax(scaled, dim=1), logits
+            if self.in_distribution is None:
+                return torch.softmax(scaled, dim=1), logits
+            return (torch.softmax(scaled, dim=1), logits,
+                    self.in_distribution(features, logits))
 
     return Deployable().eval()
+
+
+def nodes_only_for(model: Any, output: str) -> list[str]:
+    """Names of the nodes that compute ``output`` and no other graph output (the detector's
+    own nodes): the INT8 variant leaves them unquantised, so the score keeps its resolution
+    and the classifier is quantised exactly as without it. Unnamed nodes get names."""
+    producers = {}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+        for out in node.output:
+            producers[out] = node
+
+    def ancestors(names: list[str]) -> set[str]:
+        seen: set[str] = set()
+        todo = [producers[n] for n in names if n in producers]
+        while todo:
+            node = todo.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            todo += [producers[i] for i in node.input if i in producers]
+        return seen
+
+    others = [o.name for o in model.graph.output if o.name != output]
+    return sorted(ancestors([output]) - ancestors(others))
 
 
 def write_model(model: Any, path: Path) -> None:
@@ -272,6 +306,8 @@ def export_fp16(fp32_path: Path, path: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    # the detector's nodes convert too (the converter's node_block_list leaves mistyped
+    # graphs): its arrays are scaled so its sums stay in FP16 range (pipeline.core.ood)
     model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True,
                                      disable_shape_infer=False)
     onnx.checker.check_model(model, full_check=True)
@@ -307,7 +343,13 @@ def export_int8(fp32_path: Path, path: Path, calibration: np.ndarray,
         pre = Path(work) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         out = Path(work) / "int8.onnx"
+        prepared = onnx.load(str(pre))
+        keep = nodes_only_for(prepared, OOD_OUTPUT) if any(
+            o.name == OOD_OUTPUT for o in prepared.graph.output) else []
+        if keep:  # names given to unnamed nodes must be in the file quantize_static reads
+            onnx.save_model(prepared, str(pre))
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        nodes_to_exclude=keep,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         per_channel=True, reduce_range=reduce_range,
                         calibrate_method={"minmax": CalibrationMethod.MinMax,

@@ -29,7 +29,7 @@ from ..core.errors import PipelineError
 from ..core.copies import DRAFT_MARGIN
 from ..core.imageio import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
 from ..core.preprocess import Preprocessing, normalize, resize_and_crop
-from .contract import CONTRACT, FIELDS, decode_metadata, sidecar_path
+from .contract import CONTRACT, FIELDS, OOD_OUTPUT, decode_metadata, sidecar_path
 from .sessions import resolve_providers
 
 # how predict decodes: "copy" as prepare makes its copies (a large JPEG drafted to keep twice
@@ -149,6 +149,10 @@ class Prediction:
     path: str
     top: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    # the model's in_distribution output (None when it has none) and whether it is below the
+    # model's threshold: an image of none of the classes
+    in_distribution: float | None = None
+    unknown: bool = False
 
 
 class OnnxClassifier:
@@ -207,6 +211,15 @@ class OnnxClassifier:
     def classes(self) -> list[str]:
         return self.contract.classes
 
+    @property
+    def ood_threshold(self) -> float | None:
+        """The in_distribution value below which an image counts as none of the classes (the
+        contract's ``out_of_distribution.threshold``); None for a model without the output."""
+        if OOD_OUTPUT not in self.contract.outputs:
+            return None
+        info = self.contract.values.get("out_of_distribution") or {}
+        return float(info.get("threshold", 0.5))
+
     def prepare(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """RGB image (PIL, or uint8 HWC) -> one model input: its own pixels (uint8 HWC) for a
         model that resizes in the graph; else the crop (uint8 HWC, or normalised float32 CHW)."""
@@ -223,13 +236,25 @@ class OnnxClassifier:
     def probabilities_of(self, inputs: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
         """Probabilities for prepared inputs (:meth:`prepare`), in input order; inputs of one
         size share a batch."""
+        return self.scores_of(inputs, batch_size)[0]
+
+    def scores_of(self, inputs: Sequence[np.ndarray],
+                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and the ``in_distribution`` score (None for a model without it) for
+        prepared inputs, in input order; inputs of one size share a batch."""
+        names = ["probabilities"] + ([OOD_OUTPUT] if self.ood_threshold is not None else [])
         if not inputs:
-            return np.zeros((0, len(self.classes)), np.float32)
-        out: list[np.ndarray | None] = [None] * len(inputs)
+            return (np.zeros((0, len(self.classes)), np.float32),
+                    np.zeros(0, np.float32) if len(names) > 1 else None)
+        out: list[list[np.ndarray | None]] = [[None] * len(inputs) for _ in names]
         for batch in shape_batches(inputs, batch_size):
-            for i, p in zip(batch, self.probabilities(np.stack([inputs[i] for i in batch]))):
-                out[i] = p
-        return np.stack(out)  # type: ignore[arg-type]
+            values = self.session.run(names, {self.contract.input_name:
+                                              np.stack([inputs[i] for i in batch])})
+            for column, value in zip(out, values):
+                for i, v in zip(batch, value):
+                    column[i] = v
+        stacked = [np.stack(column) for column in out]  # type: ignore[arg-type]
+        return stacked[0], (stacked[1] if len(stacked) > 1 else None)
 
     def predict_images(self, images: Sequence[Image.Image],
                        top_k: int = 5) -> list[list[tuple[str, float]]]:
@@ -272,13 +297,20 @@ class OnnxClassifier:
 
         chunk: list[tuple[str, np.ndarray | str]] = []
 
+        threshold = self.ood_threshold
+
         def flush() -> Iterator[Prediction]:
             ready = [(i, x) for i, (_, x) in enumerate(chunk) if not isinstance(x, str)]
-            probs = self.probabilities_of([x for _, x in ready], batch_size)  # type: ignore[misc]
-            by_index = {i: p for (i, _), p in zip(ready, probs)}
+            probs, in_dist = self.scores_of([x for _, x in ready], batch_size)  # type: ignore[misc]
+            by_index = {i: k for k, (i, _) in enumerate(ready)}
             for i, (name, x) in enumerate(chunk):
-                yield (Prediction(name, error=x) if isinstance(x, str)
-                       else Prediction(name, self.top_k(by_index[i], top_k)))
+                if isinstance(x, str):
+                    yield Prediction(name, error=x)
+                    continue
+                k = by_index[i]
+                score = None if in_dist is None else float(in_dist[k])
+                yield Prediction(name, self.top_k(probs[k], top_k), in_distribution=score,
+                                 unknown=score is not None and score < threshold)
             chunk.clear()
 
         # full-size images: no more decoded ahead than a batch needs (12 MP is 36 MB each)

@@ -58,6 +58,7 @@ from ..core.runtime import resolve_threads
 from ..onnx.contract import (
     CONTRACT,
     INPUT_NAME,
+    OOD_OUTPUT,
     VARIANTS,
     encode_metadata,
     resize_policy,
@@ -76,7 +77,8 @@ from ..onnx.convert import (
 
 def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str],
              temperature: float = 1.0, resized_in_graph: bool = False,
-             calibrated: bool = False) -> dict[str, str]:
+             calibrated: bool = False,
+             out_of_distribution: dict[str, Any] | None = None) -> dict[str, str]:
     """The model's ``metadata_props`` (keys and encodings from :mod:`pipeline.onnx.contract`)."""
     pp = config["preprocessing"]
     uint8 = params.input == "uint8_nhwc"
@@ -108,11 +110,13 @@ def metadata(config: dict[str, Any], params: ExportParams, outputs: list[str],
         "training_metrics": config.get("metrics", {}),
         "training_manifest_sha256": config["manifest_sha256"],
         "finetune": config.get("cut", {}),
+        "out_of_distribution": out_of_distribution or {"method": "none"},
     })
 
 
 def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
-                path: Path, temperature: float = 1.0, calibrated: bool = False) -> dict[str, Any]:
+                path: Path, temperature: float = 1.0, calibrated: bool = False,
+                detector: Any = None) -> dict[str, Any]:
     """Export the fixed-size network, simplify (constant folding + shape inference) and stamp
     the metadata."""
     import onnx
@@ -120,20 +124,25 @@ def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
 
     from ..onnx.convert import export_module
 
+    from ..core.ood import torch_module
+
     pp = Preprocessing.from_dict(config["preprocessing"])
-    wrapped = deployable(classifier, pp, params.input, temperature)
+    wrapped = deployable(classifier, pp, params.input, temperature,
+                         None if detector is None else torch_module(detector))
     size = pp.input_size
     example = (torch.zeros(2, size, size, 3, dtype=torch.uint8) if params.input == "uint8_nhwc"
                else torch.zeros(2, 3, size, size))
     with tempfile.TemporaryDirectory() as work:
         raw = export_module(wrapped, example, Path(work) / "raw.onnx", input_name="image",
-                            output_names=("probabilities", "logits"), opset=params.opset)
+                            output_names=("probabilities", "logits") + (
+                                (OOD_OUTPUT,) if detector is not None else ()),
+                            opset=params.opset)
         model = onnx.load(str(raw))
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     outputs = [o.name for o in model.graph.output]
     del model.metadata_props[:]
-    for key, value in metadata(config, params, outputs, temperature,
-                               calibrated=calibrated).items():
+    for key, value in metadata(config, params, outputs, temperature, calibrated=calibrated,
+                               out_of_distribution=_ood_entry(detector)).items():
         model.metadata_props.add(key=key, value=value)
     model.producer_name, model.producer_version = "pipeline", __version__
     onnx.checker.check_model(model, full_check=True)
@@ -144,7 +153,7 @@ def export_fp32(classifier: Any, config: dict[str, Any], params: ExportParams,
 
 
 def export_raw(fixed_path: Path, path: Path, config: dict[str, Any], params: ExportParams,
-               temperature: float, calibrated: bool) -> dict[str, Any]:
+               temperature: float, calibrated: bool, detector: Any = None) -> dict[str, Any]:
     """The shipped model: the resize-and-crop graph in front of the fixed-size network."""
     import onnx
 
@@ -156,7 +165,8 @@ def export_raw(fixed_path: Path, path: Path, config: dict[str, Any], params: Exp
     outputs = [o.name for o in model.graph.output]
     del model.metadata_props[:]
     for key, value in metadata(config, params, outputs, temperature, resized_in_graph=True,
-                               calibrated=calibrated).items():
+                               calibrated=calibrated,
+                               out_of_distribution=_ood_entry(detector)).items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model, full_check=True)
     write_model(model, path)
@@ -164,13 +174,18 @@ def export_raw(fixed_path: Path, path: Path, config: dict[str, Any], params: Exp
             "uint8 tensor, antialiased, sizes and crop offsets computed in the graph"}
 
 
+def _ood_entry(detector: Any) -> dict[str, Any]:
+    return {"method": "none"} if detector is None else {"output": OOD_OUTPUT,
+                                                       **detector.describe()}
+
+
 def _decoded(images: PreparedImages, keys: list[str]) -> list[np.ndarray]:
     return [images.rgb(k) for k in keys]
 
 
-def _run_raw(path: Path, images: list[np.ndarray],
-             threads: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Run the raw-pixel model on images of any sizes (one size per batch); input order."""
+def _run_raw(path: Path, images: list[np.ndarray], threads: int) -> dict[str, np.ndarray]:
+    """Run the raw-pixel model on images of any sizes (one size per batch); every output, in
+    input order."""
     import onnxruntime as ort
 
     from ..onnx.sessions import session_options
@@ -184,9 +199,7 @@ def _run_raw(path: Path, images: list[np.ndarray],
                 [images[i] for i in batch])})):
             for i, v in zip(batch, values):
                 outputs[name][i] = v
-    logits = outputs.get("logits")
-    return (np.stack(outputs["probabilities"]),  # type: ignore[arg-type]
-            None if logits is None else np.stack(logits))  # type: ignore[arg-type]
+    return {name: np.stack(values) for name, values in outputs.items()}  # type: ignore[arg-type]
 
 
 ODD_SIZES = ((7, 5), (97, 211), (211, 97), (1000, 750), (513, 511), (31, 400))
@@ -212,7 +225,7 @@ def preprocessing_check(classifier: Any, raw_path: Path, images: list[np.ndarray
     odd = [np.asarray(Image.fromarray(x).resize(size, Image.Resampling.BICUBIC))
            for x in images[:probe] for size in ODD_SIZES]
     odd_crops = np.stack([resize_and_crop(x, pp) for x in odd])
-    probs, _ = _run_raw(raw_path, odd, threads)
+    probs = _run_raw(raw_path, odd, threads)["probabilities"]
     ref = _logits(classifier, odd_crops, pp)
     return {"resize_in_graph": True, "training_uses_the_same_graph": True,
             "odd_sizes": [list(size) for size in ODD_SIZES], "odd_size_images": len(odd),
@@ -228,7 +241,7 @@ def _images(images: PreparedImages, keys: list[str], pp: Preprocessing) -> np.nd
 
 
 def _run_ort(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preprocessing,
-             batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+             batch: int = 32) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     from ..onnx.sessions import session_options
@@ -236,24 +249,58 @@ def _run_ort(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preproces
     session = ort.InferenceSession(str(path), session_options(params.threads),
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    probs, logits = [], []
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for s in range(0, len(pixels), batch):
         x = pixels[s:s + batch]
         if params.input != "uint8_nhwc":
             x = normalize(x, pp)
-        out = dict(zip(names, session.run(None, {"image": x})))
-        probs.append(out["probabilities"])
-        if "logits" in out:
-            logits.append(out["logits"])
-    return np.concatenate(probs), (np.concatenate(logits) if logits else None)
+        for name, value in zip(names, session.run(None, {"image": x})):
+            parts[name].append(value)
+    return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def _logits(classifier: Any, pixels: np.ndarray, pp: Preprocessing) -> np.ndarray:
+    return _forward(classifier, pixels, pp)[1]
+
+
+def _forward(classifier: Any, pixels: np.ndarray,
+             pp: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features and logits of the PyTorch classifier for uint8 NHWC crops."""
     import torch
 
+    feats, logits = [], []
     with torch.no_grad():
-        return torch.cat([classifier(torch.from_numpy(normalize(pixels[s:s + 32], pp)))
-                          for s in range(0, len(pixels), 32)]).numpy()
+        for s in range(0, len(pixels), 32):
+            f = classifier.backbone(torch.from_numpy(normalize(pixels[s:s + 32], pp)))
+            feats.append(f)
+            logits.append(classifier.head(f))
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+def _split_forward(classifier: Any, images: PreparedImages, keys: list[str],
+                   pp: Preprocessing, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_forward` over a split, ``chunk`` images in memory at a time."""
+    parts = [_forward(classifier, _images(images, keys[s:s + chunk], pp), pp)
+             for s in range(0, len(keys), chunk)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def probe_images(size: int, seed: int = 0) -> np.ndarray:
+    """Images of no class for the detector's variant check: noise, blank, one colour, stripes
+    (``size`` square, uint8 NHWC, seeded)."""
+    rng = np.random.default_rng(seed)
+    out = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
+    out += [np.full((size, size, 3), c, np.uint8) for c in
+            ((0, 0, 0), (255, 255, 255), (128, 128, 128), (200, 30, 30))]
+    stripes = np.zeros((size, size, 3), np.uint8)
+    stripes[:, ::8] = 255
+    out += [stripes, stripes.transpose(1, 0, 2).copy()]
+    return np.stack(out)
+
+
+OOD_TOLERANCE = 1e-3  # FP32 in_distribution vs PyTorch: a sigmoid of a 1,280-term sum
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
@@ -278,6 +325,11 @@ class Checks:
     ref_logits: np.ndarray
     ref_probs: np.ndarray
     n_check: int
+    # the detector's check: its PyTorch output on the test crops and on probe images of no
+    # class (None without a detector)
+    ref_in: np.ndarray | None = None
+    probes: np.ndarray | None = None
+    ref_probe_in: np.ndarray | None = None
 
     @property
     def ref_top1(self) -> np.ndarray:
@@ -350,13 +402,39 @@ STEPS: dict[str, VariantStep] = {
 }
 
 
+def _ood_gate(variant: str, row: dict[str, Any], reference: dict[str, Any],
+              params: ExportParams) -> str | None:
+    """FP32 files: the in_distribution output within OOD_TOLERANCE of PyTorch. FP16/INT8
+    (their features differ a little, and by construction 5 % of in-distribution images sit
+    near the threshold): the share of test images that pass within
+    ``export.ood_max_pass_change`` of PyTorch's, and no more probe images of no class pass."""
+    if "in_distribution_max_abs_diff" not in row:
+        return None
+    if STEPS[variant].build is None:
+        if row["in_distribution_max_abs_diff"] <= OOD_TOLERANCE:
+            return None
+        return (f"{variant} in_distribution differs from PyTorch by "
+                f"{row['in_distribution_max_abs_diff']:.3g} (limit {OOD_TOLERANCE:g})")
+    change = abs(row["test_in_distribution_pass_rate"] - reference["test_pass_rate"])
+    if change > params.ood_max_pass_change + 1e-12:
+        return (f"{variant} in_distribution passes {row['test_in_distribution_pass_rate']:.4f} "
+                f"of test images against {reference['test_pass_rate']:.4f} in FP32 (limit "
+                f"export.ood_max_pass_change={params.ood_max_pass_change})")
+    if row["probe_in_distribution_pass_rate"] > reference["probe_pass_rate"] + 1e-12:
+        return (f"{variant} in_distribution lets {row['probe_in_distribution_pass_rate']:.0%} "
+                f"of the probe images of no class pass, FP32 {reference['probe_pass_rate']:.0%}")
+    return None
+
+
 def _check(variant: str, row: dict[str, Any], report: dict[str, Any],
            params: ExportParams) -> list[str]:
-    """Apply the variant's gate to its measured ``row`` (sets ``passed``); the failures."""
+    """Apply the variant's gates to its measured ``row`` (sets ``passed``); the failures."""
     fp32_accuracy = report["variants"].get("fp32", row)["test_accuracy"]
-    failure = STEPS[variant].gate(variant, row, fp32_accuracy, params)
-    row["passed"] = failure is None
-    return [failure] if failure else []
+    failures = [f for f in (STEPS[variant].gate(variant, row, fp32_accuracy, params),
+                            _ood_gate(variant, row, report.get("out_of_distribution", {}), params))
+                if f]
+    row["passed"] = not failures
+    return failures
 
 
 def _calibration(params: ExportParams, fit: dict[str, Any] | None) -> tuple[float, bool]:
@@ -367,13 +445,15 @@ def _calibration(params: ExportParams, fit: dict[str, Any] | None) -> tuple[floa
 def _measure(variant: str, path: Path, checks: Checks, params: ExportParams, pp: Preprocessing,
              raw_input: bool) -> dict[str, Any]:
     """Run one file on the test split and compare it with PyTorch."""
-    if variant == "fp32" and raw_input:  # the original images, as an app has them
-        probs, logits = _run_raw(path, checks.decoded, params.threads)
+    raw = variant == "fp32" and raw_input
+    if raw:  # the original images, as an app has them
+        out = _run_raw(path, checks.decoded, params.threads)
     else:
-        probs, logits = _run_ort(path, checks.pixels, params, pp)
+        out = _run_ort(path, checks.pixels, params, pp)
+    probs, logits = out["probabilities"], out.get("logits")
     n = checks.n_check
     top1 = probs.argmax(1)
-    return {
+    row = {
         "file": path.name,
         "input": ("raw RGB uint8 [N, H, W, 3], any size" if variant == "fp32" and raw_input
                   else f"{pp.input_size} x {pp.input_size} crop"),
@@ -384,6 +464,16 @@ def _measure(variant: str, path: Path, checks: Checks, params: ExportParams, pp:
         "top1_agreement": float((top1 == checks.ref_top1).mean()),
         "test_accuracy": float((top1 == checks.labels).mean()),
     }
+    if checks.ref_in is not None and checks.probes is not None:
+        probe_out = (_run_raw(path, list(checks.probes), params.threads) if raw
+                     else _run_ort(path, checks.probes, params, pp))
+        got = np.r_[out[OOD_OUTPUT], probe_out[OOD_OUTPUT]]
+        ref = np.r_[checks.ref_in, checks.ref_probe_in]
+        row["in_distribution_max_abs_diff"] = float(np.abs(got - ref).max())
+        row["in_distribution_agreement"] = float(((got >= 0.5) == (ref >= 0.5)).mean())
+        row["test_in_distribution_pass_rate"] = float((out[OOD_OUTPUT] >= 0.5).mean())
+        row["probe_in_distribution_pass_rate"] = float((probe_out[OOD_OUTPUT] >= 0.5).mean())
+    return row
 
 
 def _publish(staged: dict[str, Path], out_path: Path, variants_dir: Path,
@@ -442,10 +532,10 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     decoded = _decoded(images, [r["path"] for r in test])
     pixels = np.stack([resize_and_crop(x, pp) for x in decoded])
     labels = np.array([classes.index(r["label"]) for r in test])
-    ref_logits = _logits(classifier, pixels, pp)
+    ref_features, ref_logits = _forward(classifier, pixels, pp)
     val_labels = np.array([classes.index(r["label"]) for r in val], dtype=np.int64)
-    val_logits = (_logits(classifier, _images(images, [r["path"] for r in val], pp), pp)
-                  if val else np.zeros((0, len(classes)), np.float32))
+    val_features, val_logits = (_split_forward(classifier, images, [r["path"] for r in val], pp)
+                                if val else (None, np.zeros((0, len(classes)), np.float32)))
     fit = (choose_temperature(val_logits, val_labels, params.reliability_bins)
            if params.probability_calibration == "temperature" else None)
     temperature, calibrated = _calibration(params, fit)
@@ -458,6 +548,21 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     checks = Checks(decoded, pixels, labels, ref_logits,
                     softmax(ref_logits, temperature).astype(np.float32),
                     min(params.check_images, len(pixels)))
+    detector, ood_report = fit_detector(params, classifier, images, train, val_features,
+                                        val_logits, classes, pp)
+    if detector is not None:
+        from ..core.ood import torch_module
+
+        module = torch_module(detector)
+        checks.probes = probe_images(pp.input_size)
+        probe_features, probe_logits = _forward(classifier, checks.probes, pp)
+        with torch.no_grad():
+            checks.ref_in = module(torch.from_numpy(ref_features),
+                                   torch.from_numpy(ref_logits)).numpy()
+            checks.ref_probe_in = module(torch.from_numpy(probe_features),
+                                         torch.from_numpy(probe_logits)).numpy()
+        ood_report["test_pass_rate"] = round(float((checks.ref_in >= 0.5).mean()), 4)
+        ood_report["probe_pass_rate"] = round(float((checks.ref_probe_in >= 0.5).mean()), 4)
 
     def calibration_pixels() -> np.ndarray:
         step = max(1, len(train) // params.calibration_images)
@@ -468,7 +573,8 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     report: dict[str, Any] = {"opset": params.opset, "input": params.input,
                               "test_images": len(test), "check_images": checks.n_check,
                               "pytorch_test_accuracy": float((checks.ref_top1 == labels).mean()),
-                              "calibration": calibration, "variants": {}}
+                              "calibration": calibration, "out_of_distribution": ood_report,
+                              "variants": {}}
     failures = []
     with tempfile.TemporaryDirectory() as work:
         # 2. build every file: the fixed-size network, the shipped raw-pixel model in front
@@ -476,11 +582,11 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
         fixed = Path(work) / (VARIANTS["fixed"].file if raw_input else out_path.name)
         staged = {"fp32": Path(work) / out_path.name}
         report["graph"] = export_fp32(classifier, config, params, fixed, temperature,
-                                      calibrated)
+                                      calibrated, detector)
         if raw_input:
             staged["fixed"] = fixed
             report["graph"]["raw"] = export_raw(fixed, staged["fp32"], config, params,
-                                                temperature, calibrated)
+                                                temperature, calibrated, detector)
             report["preprocessing"] = preprocessing_check(classifier, staged["fp32"], decoded,
                                                           pixels, pp, temperature, threads)
         for variant in params.variants:
@@ -499,7 +605,8 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
         if failures:
             raise PipelineError("export checks failed, nothing written: " + "; ".join(failures))
         # 4. publish
-        report["outputs"] = ["probabilities"] + (["logits"] if params.logits_output else [])
+        report["outputs"] = (["probabilities"] + (["logits"] if params.logits_output else [])
+                             + ([OOD_OUTPUT] if detector is not None else []))
         _publish(staged, out_path, variants_dir, params)
     if plots_dir is not None:
         for name, t in (("uncalibrated", 1.0), ("calibrated", temperature)):
@@ -511,11 +618,44 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     if metrics_path is not None:
         write_json(metrics_path, headline(report))
     _print_calibration(calibration)
+    if detector is not None:
+        print(f"export: {OOD_OUTPUT} by {detector.method} (threshold 0.5 = score "
+              f"{detector.threshold:.4g} on val); passes {ood_report['test_pass_rate']:.1%} of "
+              f"test and {ood_report['probe_pass_rate']:.0%} of the probe images of no class")
+    else:
+        print(f"export: no {OOD_OUTPUT} output ({ood_report['reason']})")
     for variant, row in report["variants"].items():
         print(f"export {variant:5s} {row['file']:22s} {row['bytes'] / 1e6:6.1f} MB  max |diff| "
               f"probs {row['max_abs_diff_probabilities']:.2e}  top-1 agreement "
               f"{row['top1_agreement']:.4f}  test accuracy {row['test_accuracy']:.4f}")
     return report
+
+
+def fit_detector(params: ExportParams, classifier: Any, images: PreparedImages,
+                 train: list[dict[str, str]], val_features: np.ndarray | None,
+                 val_logits: np.ndarray, classes: list[str],
+                 pp: Preprocessing) -> tuple[Any, dict[str, Any]]:
+    """The out-of-distribution detector (``export.ood``) fitted on the train split's pooled
+    features of the model being exported, threshold on val; or None and the reason."""
+    from ..core import ood
+
+    if params.ood == "none":
+        return None, {"method": "none", "reason": "export.ood: none"}
+    if len(train) < 2 or val_features is None or len(val_features) < 2:
+        return None, {"method": "none", "reason": f"too few images to fit {params.ood} "
+                      f"({len(train)} train, {0 if val_features is None else len(val_features)}"
+                      " val; at least 2 of each)"}
+    train_features, _ = _split_forward(classifier, images, [r["path"] for r in train], pp)
+    train_labels = np.array([classes.index(r["label"]) for r in train], dtype=np.int64)
+    detector = ood.fit(params.ood, train_features, train_labels, len(classes), val_features,
+                       val_logits)
+    entry: dict[str, Any] = {"output": OOD_OUTPUT, **detector.describe(),
+                             "train_images": len(train), "feature_dim": int(train_features.shape[1])}
+    if params.ood == "mahalanobis" and len(train) <= train_features.shape[1]:
+        entry["note"] = (f"{len(train)} train images for {train_features.shape[1]} feature "
+                         "dimensions: the shared covariance is Ledoit-Wolf shrunk, which keeps "
+                         "it invertible")
+    return detector, entry
 
 
 def _print_calibration(calibration: dict[str, Any]) -> None:

@@ -23,7 +23,9 @@ from ..core.errors import PipelineError
 from ..onnx.runner import OnnxClassifier, Prediction
 
 FORMATS = (".jsonl", ".csv")
-CSV_HEADER = ("path", "label", "probability", "uncertain", "top", "error")
+CSV_HEADER = ("path", "label", "probability", "uncertain", "in_distribution", "unknown", "top",
+              "error")
+UNKNOWN = "unknown"  # the label shown for an image the model's detector calls none of its classes
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Summary:
     images: int = 0
     errors: int = 0
     uncertain: int = 0
+    unknown: int = 0
     skipped: int = 0  # already in the output file (--resume)
     per_class: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
@@ -39,7 +42,7 @@ class Summary:
         rate = self.images / self.seconds if self.seconds else 0.0
         classes = ", ".join(f"{label} {n}" for label, n in self.per_class.most_common())
         return (f"predict: {self.images} images in {self.seconds:.1f} s ({rate:.1f} img/s), "
-                f"{self.errors} errors, {self.uncertain} uncertain"
+                f"{self.errors} errors, {self.uncertain} uncertain, {self.unknown} unknown"
                 + (f", {self.skipped} already done" if self.skipped else "")
                 + (f"; per class: {classes}" if classes else ""))
 
@@ -48,10 +51,13 @@ def record(result: Prediction, provider: str, min_confidence: float) -> dict[str
     """One output record (the JSON line; the CSV row is made from it)."""
     if result.error:
         return {"path": result.path, "error": result.error}
-    return {"path": result.path, "provider": provider,
-            "predictions": [{"label": label, "probability": round(p, 6)}
-                            for label, p in result.top],
-            "uncertain": result.top[0][1] < min_confidence}
+    rec = {"path": result.path, "provider": provider,
+           "predictions": [{"label": label, "probability": round(p, 6)}
+                           for label, p in result.top],
+           "uncertain": result.top[0][1] < min_confidence}
+    if result.in_distribution is not None:
+        rec |= {"in_distribution": round(result.in_distribution, 6), "unknown": result.unknown}
+    return rec
 
 
 def format_line(rec: dict[str, Any], suffix: str) -> str:
@@ -63,6 +69,8 @@ def format_line(rec: dict[str, Any], suffix: str) -> str:
         rec["path"], preds[0]["label"] if preds else "",
         preds[0]["probability"] if preds else "",
         str(rec["uncertain"]).lower() if "uncertain" in rec else "",
+        rec.get("in_distribution", ""),
+        str(rec["unknown"]).lower() if "unknown" in rec else "",
         ";".join(f"{p['label']}:{p['probability']}" for p in preds), rec.get("error", "")])
     return buffer.getvalue()
 
@@ -132,12 +140,16 @@ def run(classifier: OnnxClassifier, paths: Sequence[Path], out: Path | None, *, 
                     print(f"error: {result.path}: {result.error}", file=sys.stderr)
             else:
                 summary.images += 1
-                summary.per_class[result.top[0][0]] += 1
+                summary.per_class[UNKNOWN if result.unknown else result.top[0][0]] += 1
                 summary.uncertain += rec["uncertain"]
+                summary.unknown += result.unknown
             if suffix:
                 stream.write(format_line(rec, suffix))
             elif not result.error:
                 top = "  ".join(f"{label} {p:.3f}" for label, p in result.top)
+                if result.unknown:  # the detector's verdict first: none of these classes
+                    top = (f"{UNKNOWN} (in_distribution {result.in_distribution:.3f}); "
+                           f"closest: {top}")
                 stream.write(f"{result.path}\t{top}" + ("\tuncertain" if rec["uncertain"]
                                                          else "") + "\n")
             stream.flush()  # a killed run keeps every line written so far

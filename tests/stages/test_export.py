@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.core.config import ExportParams
+from pipeline.core.copies import PreparedImages
 from pipeline.core.dataset import image_root, read_prepared
 from pipeline.core.errors import PipelineError
 from pipeline.core.model import load_model
@@ -46,6 +47,26 @@ def test_export_checks_pass_and_are_recorded(exported):
     assert (root / "out" / "variants" / "model.int8.onnx").is_file()
     int8_model = onnx.load(str(root / "out" / "variants" / "model.int8.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in int8_model.graph.node)
+    # every file carries the detector, checked against PyTorch on test and probe images
+    for name, row in report["variants"].items():
+        assert row["passed"] and 0 <= row["test_in_distribution_pass_rate"] <= 1, name
+    assert fp32["in_distribution_max_abs_diff"] <= 1e-3
+    assert report["variants"]["fixed"]["in_distribution_max_abs_diff"] <= 1e-3
+    ood = report["out_of_distribution"]
+    assert ood["method"] == "mahalanobis" and ood["tpr_on_val"] == 0.95
+    assert fp32["test_in_distribution_pass_rate"] == ood["test_pass_rate"]
+    # the detector's own nodes stay FP32 in the INT8 file: no Q/DQ feeds them
+    from pipeline.onnx.convert import nodes_only_for
+
+    fixed = onnx.load(str(root / "out" / "variants" / "model.fixed.onnx"))
+    detector_ops = sorted(n.op_type for n in fixed.graph.node
+                          if n.name in set(nodes_only_for(fixed, "in_distribution")))
+    assert "MatMul" in detector_ops and "Sigmoid" in detector_ops
+    producers = {o: n for n in int8_model.graph.node for o in n.output}
+    (sigmoid,) = [producers[o.name] for o in int8_model.graph.output
+                  if o.name == "in_distribution"]
+    assert sigmoid.op_type == "Sigmoid" and producers[sigmoid.input[0]].op_type != \
+        "DequantizeLinear"
 
 
 def test_one_self_contained_file_with_metadata(exported):
@@ -74,8 +95,11 @@ def test_one_self_contained_file_with_metadata(exported):
     assert "test_accuracy" in json.loads(meta["training_metrics"])
     summary = read_prepared(root / "prepared")[0]
     assert meta["training_manifest_sha256"] == summary["manifest_sha256"]
-    assert json.loads(meta["outputs"]) == ["probabilities"]
-    assert [o.name for o in model.graph.output] == ["probabilities"]
+    assert json.loads(meta["outputs"]) == ["probabilities", "in_distribution"]
+    assert [o.name for o in model.graph.output] == ["probabilities", "in_distribution"]
+    ood = json.loads(meta["out_of_distribution"])
+    assert (ood["method"], ood["output"], ood["threshold"]) == ("mahalanobis",
+                                                                "in_distribution", 0.5)
     # no exporter debug info: no stack traces naming this machine's paths
     raw = (root / "out" / "model.onnx").read_bytes()
     assert str(REPO).encode() not in raw and b"stack_trace" not in raw
@@ -230,7 +254,7 @@ def test_calibration_none_exports_the_raw_softmax(exported, tmp_path):
         OnnxClassifier(root / "out" / "model.onnx")
     assert raw_model.contract.values["temperature"] == 1.0
     x = raw_model.prepare(img)[None]
-    probs, logits = raw_model.session.run(None, {"image": x})
+    probs, logits, _ = raw_model.session.run(None, {"image": x})
     e = np.exp(logits - logits.max(1, keepdims=True))
     assert np.allclose(probs, e / e.sum(1, keepdims=True), atol=1e-6)
     t = report["calibration"]["temperature"]
@@ -273,8 +297,8 @@ def test_float_input_variant_with_logits(exported, tmp_path):
     params = ExportParams(threads=2, input="float32_nchw", logits_output=True, variants=())
     report = run(params, root / "model.safetensors", root / "model.json", root / "prepared",
                  tmp_path / "m.onnx", tmp_path / "v", tmp_path / "e.json")
-    assert report["variants"]["fp32"]["passed"] and report["outputs"] == ["probabilities",
-                                                                          "logits"]
+    assert report["variants"]["fp32"]["passed"] and report["outputs"] == [
+        "probabilities", "logits", "in_distribution"]
     # the logits were compared too
     assert 0.0 <= report["variants"]["fp32"]["max_abs_diff_logits"] <= params.tolerance
     runner = OnnxClassifier(tmp_path / "m.onnx")
@@ -805,3 +829,68 @@ def test_features_from_an_earlier_block_group_go_through_training_and_export(tmp
                  root / "prepared", root / "none", root / "head.safetensors",
                  root / "head.json", tmp_path / "m2.safetensors", tmp_path / "m2.json",
                  tmp_path / "fm2.json", tmp_path / "fp2")
+
+
+def test_the_detector_output_leaves_the_probabilities_byte_identical(exported, tmp_path):
+    """export.ood: none ships the classifier alone; with the detector the probabilities are
+    the same bytes, on every test image, and the detector says why it is absent when off."""
+    import onnxruntime as ort
+
+    root, report = exported
+    params = ExportParams(threads=2, variants=(), ood="none")
+    plain = run(params, root / "model.safetensors", root / "model.json", root / "prepared",
+                tmp_path / "m.onnx", tmp_path / "v", tmp_path / "e.json")
+    assert plain["outputs"] == ["probabilities"]
+    assert plain["out_of_distribution"] == {"method": "none", "reason": "export.ood: none"}
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert meta["out_of_distribution"] == {"method": "none"}
+    _, _, rows = read_prepared(root / "prepared")
+    images = PreparedImages(root / "prepared")
+    batch = np.stack([images.rgb(r["path"]) for r in rows if r["split"] == "test"][:16])
+    with_ood = ort.InferenceSession(str(root / "out" / "model.onnx"))
+    without = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    probs, in_dist = with_ood.run(None, {"image": batch})
+    (alone,) = without.run(None, {"image": batch})
+    assert probs.tobytes() == alone.tobytes()
+    assert in_dist.shape == (len(batch),) and ((in_dist >= 0) & (in_dist <= 1)).all()
+
+
+def test_predict_marks_images_below_the_detector_threshold_unknown(exported, tmp_path,
+                                                                   monkeypatch):
+    """The runner reads in_distribution with the probabilities; predict calls an image below
+    the contract's threshold unknown (JSON, CSV, the table and the summary)."""
+    root, _ = exported
+    paths, _ = _test_images(root)
+    model = str(root / "out" / "model.onnx")
+    classifier = OnnxClassifier(model)
+    assert classifier.ood_threshold == 0.5
+    results = list(classifier.predict_files(paths[:6], top_k=1))
+    scores = [r.in_distribution for r in results]
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert [r.unknown for r in results] == [s < 0.5 for s in scores]
+    # the score is the model's own output for the same input
+    x = classifier.prepare(Image.open(paths[0]).convert("RGB"))[None]
+    assert scores[0] == pytest.approx(float(classifier.session.run(
+        ["in_distribution"], {"image": x})[0][0]), abs=1e-6)
+    args = ["predict", "--model", model, *map(str, paths[:4]), "--top-k", "1"]
+    lines = [json.loads(line) for line in CliRunner().invoke(main, args + ["--json"]).stdout
+             .splitlines()]
+    assert [line["unknown"] for line in lines] == [s < 0.5 for s in scores[:4]]
+    # a threshold above every score: every image is none of the classes
+    monkeypatch.setattr(OnnxClassifier, "ood_threshold", property(lambda self: 1.01))
+    table = CliRunner().invoke(main, args)
+    assert table.output.count("unknown (in_distribution ") == 4, table.output
+    assert "4 unknown" in table.stderr and "per class: unknown 4" in table.stderr
+    out = tmp_path / "p.csv"
+    assert CliRunner().invoke(main, args + ["--out", str(out)]).exit_code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["unknown"] for r in rows] == ["true"] * 4
+    assert [float(r["in_distribution"]) for r in rows] == pytest.approx(scores[:4], abs=1e-6)
+    # a model without the output: no score, nothing unknown
+    plain = tmp_path / "plain.onnx"
+    run(ExportParams(threads=2, variants=(), ood="none"), root / "model.safetensors",
+        root / "model.json", root / "prepared", plain, tmp_path / "v", tmp_path / "e.json")
+    monkeypatch.undo()
+    (result,) = OnnxClassifier(plain).predict_files(paths[:1])
+    assert result.in_distribution is None and not result.unknown
+    assert OnnxClassifier(plain).ood_threshold is None

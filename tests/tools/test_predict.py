@@ -126,7 +126,8 @@ def test_out_jsonl_and_csv_summary_and_exit_status(library, tmp_path):
     invoke("--model", model, "--out", tmp_path / "r.csv", "--top-k", 2, "--decode", "full",
            folder)
     rows = (tmp_path / "r.csv").read_text().splitlines()
-    assert rows[0] == "path,label,probability,uncertain,top,error" and len(rows) == 8
+    assert rows[0] == ("path,label,probability,uncertain,in_distribution,unknown,top,error")
+    assert len(rows) == 8
     good = next(r for r in rows[1:] if r.endswith(","))
     assert good.count(";") == 1 and ",false," in good
     assert any(r.startswith(str(folder / "broken.jpg")) and "not an image" in r for r in rows)
