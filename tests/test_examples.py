@@ -68,11 +68,19 @@ def with_photo_sizes(paths: list[Path], folder: Path) -> list[Path]:
         out = folder / f"photo_{i}.png"
         Image.open(paths[i]).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(out)
         extra.append(out)
+    # and images of none of the classes, for the in_distribution verdict
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    for name, pixels in (("noise", noise), ("blank", np.full((240, 320, 3), 255, np.uint8))):
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+        extra.append(folder / f"{name}.png")
     return paths + extra
 
 
 def compare(answers: list[dict], model: Path, paths: list[Path]) -> None:
-    """100 % top-1 agreement with the runner and max |p diff| <= 1e-4 on every class."""
+    """100 % top-1 agreement with the runner and max |p diff| <= 1e-4 on every class; the
+    same in_distribution score (1e-4) and the same unknown verdict."""
     runner = OnnxClassifier(model)
     expected = {p.path: p for p in runner.predict_files(paths, top_k=len(runner.classes))}
     assert len(answers) == len(paths)
@@ -82,6 +90,9 @@ def compare(answers: list[dict], model: Path, paths: list[Path]) -> None:
         got = {p["label"]: p["probability"] for p in answer["predictions"]}
         assert answer["predictions"][0]["label"] == expected[str(path)].top[0][0], path
         worst = max(worst, max(abs(got[k] - want[k]) for k in got))
+        score = expected[str(path)].in_distribution
+        assert score is not None and abs(answer["in_distribution"] - score) <= 1e-4, path
+        assert answer["unknown"] is expected[str(path)].unknown, path
     assert worst <= 1e-4, worst
 
 
@@ -96,6 +107,8 @@ def test_node_example_agrees_with_the_runner(exported, npm_dir):
     assert result.returncode == 0, result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     compare(answers, model, paths)
+    unknown = [a["path"] for a in answers if a["unknown"]]
+    assert result.stderr.count("none of these (in_distribution") == len(unknown)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

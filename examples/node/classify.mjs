@@ -7,7 +7,9 @@
 // normalises inside the graph, so there is no resize code here: decode, run, read the labels.
 // Class names and the contract come from the JSON sidecar next to the model (model.onnx.json),
 // because onnxruntime-node does not expose an ONNX file's metadata to JavaScript.
-// Prints one JSON line per image, like `pipeline predict --json`.
+// Prints one JSON line per image, like `pipeline predict --json`. A model with the
+// `in_distribution` output (the sidecar's out_of_distribution.threshold) also says when an
+// image is none of its classes: "unknown": true, and "none of these" on standard error.
 import fs from 'node:fs';
 import ort from 'onnxruntime-node';
 import jpeg from 'jpeg-js';
@@ -51,10 +53,16 @@ export async function classify({ session, contract }, path, topK = 5) {
   const output = await session.run({ [contract.input_name]: input });
   const probabilities = Array.from(output.probabilities.data);
   const order = probabilities.map((p, i) => [p, i]).sort((a, b) => b[0] - a[0] || a[1] - b[1]);
-  return {
+  const result = {
     path,
     predictions: order.slice(0, topK).map(([p, i]) => ({ label: contract.classes[i], probability: p })),
   };
+  const ood = contract.out_of_distribution || { method: 'none' };
+  if (ood.method !== 'none' && output[ood.output]) {
+    result.in_distribution = output[ood.output].data[0];
+    result.unknown = result.in_distribution < ood.threshold;  // none of these classes
+  }
+  return result;
 }
 
 async function main(argv) {
@@ -71,7 +79,11 @@ async function main(argv) {
   let failed = 0;
   for (const path of images) {
     try {
-      console.log(JSON.stringify(await classify(model, path, topK)));
+      const result = await classify(model, path, topK);
+      if (result.unknown) {
+        console.error(`${path}: none of these (in_distribution ${result.in_distribution.toFixed(3)})`);
+      }
+      console.log(JSON.stringify(result));
     } catch (err) {
       failed += 1;
       console.log(JSON.stringify({ path, error: String(err.message || err) }));

@@ -37,11 +37,21 @@ function pixels(img) {
   return new ort.Tensor('uint8', rgb, [1, canvas.height, canvas.width, 3]);
 }
 
+// Top-k labels, and (a model with the in_distribution output) whether the image is none of
+// the classes: its score below the sidecar's out_of_distribution.threshold.
 async function classify(model, img, topK = 5) {
   const out = await model.session.run({ [model.contract.input_name]: pixels(img) });
   const p = Array.from(out.probabilities.data);
   const order = p.map((v, i) => [v, i]).sort((a, b) => b[0] - a[0] || a[1] - b[1]);
-  return order.slice(0, topK).map(([v, i]) => ({ label: model.contract.classes[i], probability: v }));
+  const result = {
+    predictions: order.slice(0, topK).map(([v, i]) => ({ label: model.contract.classes[i], probability: v })),
+  };
+  const ood = model.contract.out_of_distribution || { method: 'none' };
+  if (ood.method !== 'none' && out[ood.output]) {
+    result.in_distribution = out[ood.output].data[0];
+    result.unknown = result.in_distribution < ood.threshold;
+  }
+  return result;
 }
 
 async function loadImage(src) {
@@ -51,7 +61,12 @@ async function loadImage(src) {
   return img;
 }
 
-function show(predictions) {
+function show({ predictions, unknown, in_distribution: score }) {
+  const verdict = document.getElementById('verdict');
+  verdict.textContent = unknown
+    ? `None of these: it does not look like the training images (in_distribution ${score.toFixed(3)}). Closest:`
+    : '';
+  verdict.hidden = !unknown;
   const top = document.getElementById('top');
   top.replaceChildren(...predictions.map(({ label, probability }) => {
     const row = document.createElement('div');
@@ -74,7 +89,7 @@ async function main() {
     const urls = await (await fetch(listUrl)).json();
     const results = [];
     for (const url of urls) {
-      results.push({ path: url, predictions: await classify(model, await loadImage(url)) });
+      results.push({ path: url, ...(await classify(model, await loadImage(url))) });
     }
     const pre = document.getElementById('results');
     pre.textContent = JSON.stringify(results);

@@ -108,6 +108,22 @@ def fit(method: str, features: np.ndarray, labels: np.ndarray, num_classes: int,
     return detector
 
 
+PROBE_KINDS = ("noise", "blank", "one colour", "stripes")
+
+
+def probe_images(size: int, seed: int = 0) -> np.ndarray:
+    """Images of no class for checking the detector in every exported file (``size`` square,
+    uint8 NHWC, seeded): 4 of noise, black, white, grey, one colour, and two of stripes."""
+    rng = np.random.default_rng(seed)
+    out = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
+    out += [np.full((size, size, 3), c, np.uint8) for c in
+            ((0, 0, 0), (255, 255, 255), (128, 128, 128), (200, 30, 30))]
+    stripes = np.zeros((size, size, 3), np.uint8)
+    stripes[:, ::8] = 255
+    out += [stripes, np.ascontiguousarray(stripes.transpose(1, 0, 2))]
+    return np.stack(out)
+
+
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """Area under the ROC curve of in (positive) against out; 0.5 = chance."""
     from sklearn.metrics import roc_auc_score

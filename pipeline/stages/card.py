@@ -94,6 +94,7 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
         fallback = ((export or {}).get("calibration") or {}).get("fallback")
         lines.append("* Probabilities are the plain softmax (not calibrated" +
                      (f": {fallback}" if fallback else "") + ").")
+    lines += _ood_lines(meta, export)
     lines.append("")
 
     counts = summary["split_counts"]
@@ -185,6 +186,12 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
         lines.append(f"* The classes are imbalanced ({min(sizes)} to {max(sizes)} images): read "
                      "the per-class recall, not only the accuracy.")
     lines += ["* It was evaluated only on images like its training data (the same source and "
+              "split procedure). Its `in_distribution` output was fitted on the training "
+              "images only: an image of a class it has not seen but that looks like its "
+              "classes can still pass (see `docs/deployment.md` for measured rates); use "
+              "`pipeline predict --min-confidence` as well, and re-measure on your own data."
+              if "in_distribution" in meta["outputs"] else
+              "* It was evaluated only on images like its training data (the same source and "
               "split procedure). On other cameras, crops or classes it has not seen it still "
               "answers one of its classes: use `pipeline predict --min-confidence` to flag "
               "uncertain answers, and re-measure on your own data.",
@@ -192,6 +199,26 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
               f"{meta['input_size']} px: content near the borders of non-square images is cut.",
               ""]
     return "\n".join(lines)
+
+
+def _ood_lines(meta: dict[str, Any], export: dict[str, Any] | None) -> list[str]:
+    """The detector in words: its method, threshold and what it let through at export."""
+    info = meta.get("out_of_distribution") or {"method": "none"}
+    if info.get("method", "none") == "none":
+        reason = ((export or {}).get("out_of_distribution") or {}).get("reason")
+        return ["* No `in_distribution` output: the model always answers one of its classes"
+                + (f" ({reason})." if reason else ".")]
+    report = (export or {}).get("out_of_distribution") or {}
+    from ..core.ood import PROBE_KINDS
+
+    passed = (f" At export it passed {report['test_pass_rate']:.1%} of the test images and "
+              f"{report['probe_pass_rate']:.0%} of the probe images of no class "
+              f"({', '.join(PROBE_KINDS)})." if "test_pass_rate" in report else "")
+    return [f"* Output `in_distribution` (0–1, higher = more like the training images): "
+            f"{info['method']} score on the pooled features, fitted on the train split; "
+            f"below {info['threshold']:g} the image is none of these classes (`pipeline "
+            f"predict` says `unknown`). The threshold lets {info['tpr_on_val']:.0%} of the val "
+            f"images through." + passed + (f" {report['note']}." if "note" in report else "")]
 
 
 def run(model_path: str | Path, config_path: str | Path, prepared_dir: str | Path,

@@ -287,19 +287,6 @@ def _split_forward(classifier: Any, images: PreparedImages, keys: list[str],
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def probe_images(size: int, seed: int = 0) -> np.ndarray:
-    """Images of no class for the detector's variant check: noise, blank, one colour, stripes
-    (``size`` square, uint8 NHWC, seeded)."""
-    rng = np.random.default_rng(seed)
-    out = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
-    out += [np.full((size, size, 3), c, np.uint8) for c in
-            ((0, 0, 0), (255, 255, 255), (128, 128, 128), (200, 30, 30))]
-    stripes = np.zeros((size, size, 3), np.uint8)
-    stripes[:, ::8] = 255
-    out += [stripes, stripes.transpose(1, 0, 2).copy()]
-    return np.stack(out)
-
-
 OOD_TOLERANCE = 1e-3  # FP32 in_distribution vs PyTorch: a sigmoid of a 1,280-term sum
 
 
@@ -548,13 +535,15 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     checks = Checks(decoded, pixels, labels, ref_logits,
                     softmax(ref_logits, temperature).astype(np.float32),
                     min(params.check_images, len(pixels)))
+    from ..core.ood import probe_images as ood_probe_images
+
     detector, ood_report = fit_detector(params, classifier, images, train, val_features,
                                         val_logits, classes, pp)
     if detector is not None:
         from ..core.ood import torch_module
 
         module = torch_module(detector)
-        checks.probes = probe_images(pp.input_size)
+        checks.probes = ood_probe_images(pp.input_size)
         probe_features, probe_logits = _forward(classifier, checks.probes, pp)
         with torch.no_grad():
             checks.ref_in = module(torch.from_numpy(ref_features),

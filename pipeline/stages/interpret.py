@@ -8,7 +8,10 @@ deployed preprocessing) over the chosen splits of the prepared data and writes, 
 * ``<split>_top_losses.png``: a contact sheet of the ``interpret.top_losses`` highest-loss
   images, captioned label / prediction / probabilities (fastai's ``plot_top_losses``);
 * in ``metrics/interpret.json``: accuracy, mean loss, error count and the most confused
-  (actual, predicted) pairs (fastai's ``most_confused``).
+  (actual, predicted) pairs (fastai's ``most_confused``);
+* with a model that has the ``in_distribution`` output: ``<split>_least_typical.png``, the
+  images it scores lowest (on train: outliers, odd crops or images of no class that slipped
+  into the data), and the share of the split below the model's threshold.
 
 On the **test** split these are the model's mistakes, worst first. On the **train** split the
 highest losses are the images the model, having trained on them, still disagrees with: the
@@ -36,12 +39,13 @@ Split = Literal["train", "val", "test"]
 
 
 def split_probabilities(classifier: Any, images: PreparedImages, keys: list[str],
-                        batch_size: int) -> np.ndarray:
-    """Probabilities of the exported model for each decoded copy (rows in input order; not
-    empty). A batch shares one size, so images are grouped by shape first."""
-    probs = classifier.probabilities_of([classifier.prepare(images.rgb(k)) for k in keys],
-                                        batch_size)
-    return probs.astype(np.float64)
+                        batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities and in_distribution scores (None without the output) of the exported
+    model for each decoded copy (rows in input order; not empty). A batch shares one size, so
+    images are grouped by shape first."""
+    probs, in_dist = classifier.scores_of([classifier.prepare(images.rgb(k)) for k in keys],
+                                          batch_size)
+    return probs.astype(np.float64), in_dist
 
 
 def contact_sheet(entries: list[dict[str, Any]], images: PreparedImages, title: str,
@@ -62,8 +66,10 @@ def contact_sheet(entries: list[dict[str, Any]], images: PreparedImages, title: 
         image = Image.fromarray(images.rgb(e["path"]))
         image.thumbnail((256, 256))
         ax.imshow(np.asarray(image), interpolation="nearest")
+        typical = (f"\nin_distribution {e['in_distribution']:.3f}"
+                   if e.get("in_distribution") is not None else "")
         ax.set_title(f"{e['label']} -> {e['predicted']}\np(label) {e['p_label']:.3f}, "
-                     f"p(pred) {e['p_predicted']:.3f}", fontsize=8,
+                     f"p(pred) {e['p_predicted']:.3f}" + typical, fontsize=8,
                      color="black" if e["label"] == e["predicted"] else "firebrick")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -100,8 +106,8 @@ def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Pat
                 report["splits"][split] = {"images": 0}
                 continue
             labels = [classes.index(r["label"]) for r in chosen]
-            probs = split_probabilities(classifier, images, [r["path"] for r in chosen],
-                                        params.batch_size)
+            probs, in_dist = split_probabilities(classifier, images,
+                                                 [r["path"] for r in chosen], params.batch_size)
             idx = np.arange(len(chosen))
             p_label = probs[idx, labels]
             predicted = probs.argmax(1)
@@ -109,7 +115,8 @@ def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Pat
             order = sorted(idx, key=lambda i: (-loss[i], chosen[i]["path"]))
             entries = [{"path": chosen[i]["path"], "label": chosen[i]["label"],
                         "predicted": classes[predicted[i]], "p_label": float(p_label[i]),
-                        "p_predicted": float(probs[i, predicted[i]]), "loss": float(loss[i])}
+                        "p_predicted": float(probs[i, predicted[i]]), "loss": float(loss[i]),
+                        "in_distribution": None if in_dist is None else float(in_dist[i])}
                        for i in order]
             write_csv(tmp / f"{split}_losses.csv",
                       ("path", "label", "predicted", "p_label", "p_predicted", "loss"),
@@ -119,6 +126,17 @@ def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Pat
             contact_sheet(top, images, f"{split}: {len(top)} highest losses of "
                           f"{len(entries)} ({Path(model_path).name})",
                           tmp / f"{split}_top_losses.png")
+            typical: dict[str, Any] = {}
+            if in_dist is not None:
+                least = sorted(entries, key=lambda e: (e["in_distribution"], e["path"]))
+                contact_sheet(least[:params.top_losses], images, f"{split}: "
+                              f"{min(params.top_losses, len(least))} least typical of "
+                              f"{len(least)} (lowest in_distribution)",
+                              tmp / f"{split}_least_typical.png")
+                typical = {"below_threshold": float((in_dist < classifier.ood_threshold).mean()),
+                           "least_typical": [{k: e[k] for k in ("path", "label",
+                                                                "in_distribution")}
+                                             for e in least[:5]]}
             confused = Counter((e["label"], e["predicted"]) for e in entries
                                if e["label"] != e["predicted"])
             report["splits"][split] = {
@@ -131,6 +149,7 @@ def run(params: InterpretParams, model_path: str | Path, prepared_dir: str | Pat
                                   [:params.most_confused]],
                 "top_losses": [{k: e[k] for k in ("path", "label", "predicted", "p_label")}
                                for e in entries[:5]],
+                **typical,
             }
     write_json(report_path, report)
     if metrics_path is not None:

@@ -537,6 +537,15 @@ def test_interpret_lists_losses_of_the_shipped_model(exported, tmp_path):
         assert s["errors"] == errors == sum(c["count"] for c in s["most_confused"])
         assert s["accuracy"] == pytest.approx(1 - errors / len(table))
         assert (tmp_path / "out" / f"{split}_top_losses.png").read_bytes()[:4] == b"\x89PNG"
+        # the least typical images by the model's own in_distribution output, lowest first
+        assert (tmp_path / "out" / f"{split}_least_typical.png").read_bytes()[:4] == b"\x89PNG"
+        least = s["least_typical"]
+        scores = [e["in_distribution"] for e in least]
+        assert scores == sorted(scores) and len(least) == 5
+        x = model.prepare(PreparedImages(root / "prepared").rgb(least[0]["path"]))[None]
+        assert scores[0] == pytest.approx(float(model.session.run(
+            ["in_distribution"], {"image": x})[0][0]), abs=1e-6)
+        assert 0.0 <= s["below_threshold"] <= 1.0
     # p_label is the model's probability of the manifest label for that image
     first = next(iter(csv.DictReader(open(tmp_path / "out" / "test_losses.csv"))))
     base = image_root(root / "prepared", summary)
@@ -627,6 +636,10 @@ def test_card_reads_every_figure_from_the_stage_outputs(exported, tmp_path):
         v = export_report["variants"][name]
         assert f"| {name} | `{v['file']}` |" in card and f"{v['test_accuracy']:.4f} |" in card
     assert "Not measured: `reports/bench.json` is missing" in card
+    ood = export_report["out_of_distribution"]
+    assert (f"mahalanobis score on the pooled features, fitted on the train split; below 0.5 "
+            f"the image is none of these classes" in card)
+    assert f"passed {ood['test_pass_rate']:.1%} of the test images" in card
     assert "Most confused" not in card  # no interpret metrics: nothing is made up
     assert len([line for line in card.splitlines() if line.startswith("| ") and
                 line.split(" | ")[0][2:] in [str(d) for d in range(10)]]) == 10
