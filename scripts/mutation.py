@@ -110,6 +110,8 @@ MODULES: tuple[Module, ...] = (
     Module("parallel", "pipeline/core/parallel.py", ("tests/tools/test_predict.py",), 90),
     Module("predict (output, resume, summary)", "pipeline/tools/predict.py",
            ("tests/tools/test_predict.py",), 120),
+    Module("auto (resolution)", "pipeline/core/auto.py", ("tests/core/test_auto.py",), 60),
+    Module("ood (scores, fit, metrics)", "pipeline/core/ood.py", ("tests/core/test_ood.py",), 60),
 )
 
 
