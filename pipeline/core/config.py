@@ -196,9 +196,9 @@ class ExportParams:
     probability_calibration: Literal["temperature", "none"] = "temperature"
     reliability_bins: int = param(15, ge=2, le=100, help="confidence bins for ECE and the "
                                   "reliability plot")
-    ood: Literal["mahalanobis", "knn", "energy", "msp", "none"] = param(
-        "mahalanobis", help="the in_distribution output's score (fitted on train, threshold "
-        "on val); none: no such output")
+    ood: Literal["mahalanobis+msp", "mahalanobis", "knn", "energy", "msp", "none"] = param(
+        "mahalanobis+msp", help="the in_distribution output's score (fitted on train, "
+        "threshold on val); none: no such output")
     ood_max_pass_change: float = param(0.05, ge=0.0, le=1.0, help="FP16/INT8: the share of "
                                        "test images passing the detector, at most this far "
                                        "from FP32's (and no more probe images of no class)")

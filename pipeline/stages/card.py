@@ -215,7 +215,8 @@ def _ood_lines(meta: dict[str, Any], export: dict[str, Any] | None) -> list[str]
               f"{report['probe_pass_rate']:.0%} of the probe images of no class "
               f"({', '.join(PROBE_KINDS)})." if "test_pass_rate" in report else "")
     return [f"* Output `in_distribution` (0–1, higher = more like the training images): "
-            f"{info['method']} score on the pooled features, fitted on the train split; "
+            f"the `{info['method']}` score of its pooled features and logits, fitted on the "
+            "train split; "
             f"below {info['threshold']:g} the image is none of these classes (`pipeline "
             f"predict` says `unknown`). The threshold lets {info['tpr_on_val']:.0%} of the val "
             f"images through." + passed + (f" {report['note']}." if "note" in report else "")]

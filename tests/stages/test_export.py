@@ -53,8 +53,17 @@ def test_export_checks_pass_and_are_recorded(exported):
     assert fp32["in_distribution_max_abs_diff"] <= 1e-3
     assert report["variants"]["fixed"]["in_distribution_max_abs_diff"] <= 1e-3
     ood = report["out_of_distribution"]
-    assert ood["method"] == "mahalanobis" and ood["tpr_on_val"] == 0.95
+    assert ood["method"] == "mahalanobis+msp" and ood["tpr_on_val"] == 0.95
+    assert set(ood["parts"]) == {"mahalanobis", "msp"}
     assert fp32["test_in_distribution_pass_rate"] == ood["test_pass_rate"]
+    # FP16/INT8 features move: each file carries its own cut, 95 % of val through that file
+    for name in ("fp16", "int8"):
+        sidecar = json.loads((root / "out" / "variants" / f"model.{name}.onnx.json").read_text())
+        cut = sidecar["out_of_distribution"]["threshold"]
+        assert cut == report["variants"][name]["in_distribution_threshold"] and 0 < cut < 1
+        assert sidecar["out_of_distribution"]["method"] == "mahalanobis+msp"
+    assert json.loads((root / "out" / "model.onnx.json").read_text())[
+        "out_of_distribution"]["threshold"] == 0.5 == fp32["in_distribution_threshold"]
     # the detector's own nodes stay FP32 in the INT8 file: no Q/DQ feeds them
     from pipeline.onnx.convert import nodes_only_for
 
@@ -98,7 +107,7 @@ def test_one_self_contained_file_with_metadata(exported):
     assert json.loads(meta["outputs"]) == ["probabilities", "in_distribution"]
     assert [o.name for o in model.graph.output] == ["probabilities", "in_distribution"]
     ood = json.loads(meta["out_of_distribution"])
-    assert (ood["method"], ood["output"], ood["threshold"]) == ("mahalanobis",
+    assert (ood["method"], ood["output"], ood["threshold"]) == ("mahalanobis+msp",
                                                                 "in_distribution", 0.5)
     # no exporter debug info: no stack traces naming this machine's paths
     raw = (root / "out" / "model.onnx").read_bytes()
@@ -637,8 +646,8 @@ def test_card_reads_every_figure_from_the_stage_outputs(exported, tmp_path):
         assert f"| {name} | `{v['file']}` |" in card and f"{v['test_accuracy']:.4f} |" in card
     assert "Not measured: `reports/bench.json` is missing" in card
     ood = export_report["out_of_distribution"]
-    assert (f"mahalanobis score on the pooled features, fitted on the train split; below 0.5 "
-            f"the image is none of these classes" in card)
+    assert ("the `mahalanobis+msp` score of its pooled features and logits, fitted on the train "
+            "split; below 0.5 the image is none of these classes" in card)
     assert f"passed {ood['test_pass_rate']:.1%} of the test images" in card
     assert "Most confused" not in card  # no interpret metrics: nothing is made up
     assert len([line for line in card.splitlines() if line.startswith("| ") and
