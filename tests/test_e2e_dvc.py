@@ -60,6 +60,15 @@ bench:
 """
 
 
+def dvc_project(root, params: str, env) -> None:
+    """This project's dvc.yaml and package in ``root`` with ``params``, as a git + DVC repo."""
+    copy_project(root)
+    (root / "params.yaml").write_text(params)
+    sh(["git", "init", "-q"], root, env)
+    sh(["dvc", "init", "-q"], root, env)
+    sh(["dvc", "config", "core.analytics", "false"], root, env)
+
+
 def finetuned_test_accuracy(root):
     return json.loads((root / "reports" / "finetune.json").read_text())["test"]["accuracy"]
 
@@ -67,11 +76,7 @@ def finetuned_test_accuracy(root):
 
 @pytest.mark.slow
 def test_dvc_repro_chain_is_reproducible(tmp_path, cli_env):
-    copy_project(tmp_path)
-    (tmp_path / "params.yaml").write_text(TINY_PARAMS)
-    sh(["git", "init", "-q"], tmp_path, cli_env)
-    sh(["dvc", "init", "-q"], tmp_path, cli_env)
-    sh(["dvc", "config", "core.analytics", "false"], tmp_path, cli_env)
+    dvc_project(tmp_path, TINY_PARAMS, cli_env)
     sh(["dvc", "repro"], tmp_path, cli_env)
 
     metrics = json.loads((tmp_path / "reports" / "head.json").read_text())
@@ -220,11 +225,7 @@ advise:
 
 @pytest.mark.slow
 def test_auto_params_take_the_verified_choice_inside_dvc_repro(tmp_path, cli_env):
-    copy_project(tmp_path)
-    (tmp_path / "params.yaml").write_text(AUTO_PARAMS)
-    sh(["git", "init", "-q"], tmp_path, cli_env)
-    sh(["dvc", "init", "-q"], tmp_path, cli_env)
-    sh(["dvc", "config", "core.analytics", "false"], tmp_path, cli_env)
+    dvc_project(tmp_path, AUTO_PARAMS, cli_env)
     first = sh(["dvc", "repro", "finetune"], tmp_path, cli_env)
 
     choice = json.loads((tmp_path / "data" / "auto" / "choice.json").read_text())

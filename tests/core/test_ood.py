@@ -92,3 +92,20 @@ def test_auroc_and_fpr_at_95_tpr_known_values():
     assert ood.fpr_at_tpr(ins, outs) == 0.0
     # out scores equal to in scores: everything at or above the 5th percentile passes
     assert ood.fpr_at_tpr(ins, ins) == pytest.approx(0.95, abs=0.01)
+
+
+def test_a_split_too_small_for_a_detector_ships_without_it_and_says_why():
+    from pipeline.core.config import ExportParams
+    from pipeline.stages.export import fit_detector
+
+    rows = [{"path": "a.png", "label": "x", "split": "train"}]
+    detector, entry = fit_detector(ExportParams(), None, None, rows, np.zeros((3, 4)),
+                                   np.zeros((3, 2)), ["x", "y"], None)
+    assert detector is None and entry["method"] == "none"
+    assert entry["reason"] == "too few images to fit mahalanobis+msp (1 train, 3 val; at least 2 of each)"
+    detector, entry = fit_detector(ExportParams(), None, None, rows * 5, None,
+                                   np.zeros((0, 2)), ["x", "y"], None)
+    assert detector is None and "(5 train, 0 val;" in entry["reason"]
+    detector, entry = fit_detector(ExportParams(ood="none"), None, None, rows * 5,
+                                   np.zeros((3, 4)), np.zeros((3, 2)), ["x", "y"], None)
+    assert detector is None and entry == {"method": "none", "reason": "export.ood: none"}
