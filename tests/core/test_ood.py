@@ -109,3 +109,65 @@ def test_a_split_too_small_for_a_detector_ships_without_it_and_says_why():
     detector, entry = fit_detector(ExportParams(ood="none"), None, None, rows * 5,
                                    np.zeros((3, 4)), np.zeros((3, 2)), ["x", "y"], None)
     assert detector is None and entry == {"method": "none", "reason": "export.ood: none"}
+
+
+def test_knn_default_k_is_the_tenth_neighbour_and_torch_agrees_on_a_small_bank():
+    rng = np.random.default_rng(0)
+    train = rng.normal(0, 1, (200, 8)).astype(np.float32)
+    det = ood.fit("knn", train, np.zeros(200, int), 1, train[:50], np.zeros((50, 1)))
+    x = rng.normal(0, 1, (7, 8))
+    sims = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ det.arrays["bank"].T
+    assert det.k == 10
+    assert det.score(x, None) == pytest.approx(np.sort(sims, axis=1)[:, -10])
+    # fewer training images than k: the farthest one; the graph's top-k asks no more than N
+    small = ood.fit("knn", train[:4], np.zeros(4, int), 1, train[:4], np.zeros((4, 1)))
+    with torch.no_grad():
+        got = ood.torch_module(small)(torch.from_numpy(x.astype(np.float32)),
+                                      torch.zeros(7, 1)).numpy()
+    assert got == pytest.approx(small.in_distribution(x, None), abs=1e-5)
+
+
+def test_method_names_read_from_a_file_select_the_same_score():
+    """Names come from params.yaml at run time (not the code's own literals)."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.4, 0.0]])
+    for name in ("energy", "msp"):
+        runtime = "".join(list(name))
+        det = ood.Detector(runtime, threshold=0.1, scale=0.7)
+        with torch.no_grad():
+            got = ood.torch_module(det)(torch.zeros(2, 4), logits).numpy()
+        assert got == pytest.approx(det.in_distribution(np.zeros((2, 4)), logits.numpy()),
+                                    abs=1e-6)
+
+
+def test_the_scale_is_val_s_interquartile_range_and_never_zero():
+    val_logits = np.array([[v, 0.0] for v in np.linspace(0, 4, 101)])
+    det = ood.fit("energy", None, None, 2, None, val_logits)
+    scores = ood.Detector("energy").score(None, val_logits)
+    assert det.scale == pytest.approx(np.quantile(scores, 0.75) - np.quantile(scores, 0.25))
+    assert det.threshold == pytest.approx(np.quantile(scores, 0.05))
+    assert det.describe()["scale"] == round(det.scale, 6)
+    flat = ood.fit("msp", None, None, 2, None, np.zeros((20, 2)))  # every val score equal
+    assert flat.scale == 1.0 and np.isfinite(flat.in_distribution(None, np.ones((3, 2)))).all()
+    parts = ood.fit("mahalanobis+msp", np.eye(4)[[0, 1, 2, 3] * 5] + 0.01 * np.arange(20)[:, None],
+                    np.array([0, 1] * 10), 2, np.eye(4)[[0, 1] * 5], val_logits[:10])
+    for name, (offset, scale) in parts.parts.items():
+        assert parts.describe()["parts"][name] == {"offset": round(offset, 6),
+                                                   "scale": round(scale, 6)}
+
+
+def test_a_class_without_training_images_leaves_mahalanobis_finite():
+    rng = np.random.default_rng(0)
+    train = rng.normal(0, 1, (30, 4))
+    det = ood.fit("mahalanobis", train, np.array([0, 1] * 15), 3, train[:10], np.zeros((10, 3)))
+    assert det.arrays["centres"].shape[0] == 2
+    assert np.isfinite(det.score(rng.normal(0, 1, (5, 4)), None)).all()
+
+
+def test_probe_images_are_the_kinds_the_card_names():
+    probes = ood.probe_images(16)
+    assert probes.shape == (10, 16, 16, 3) and probes.dtype == np.uint8
+    flat = [tuple(int(v) for v in p[0, 0]) for p in probes if (p == p[0, 0]).all()]
+    assert flat == [(0, 0, 0), (255, 255, 255), (128, 128, 128), (200, 30, 30)]
+    noisy = [p for p in probes if len(np.unique(p)) > 200]
+    assert len(noisy) == 4
+    assert ood.PROBE_KINDS == ("noise", "blank", "one colour", "stripes")
