@@ -12,7 +12,9 @@ Per method (:mod:`pipeline.core.ood`): AUROC and the false-positive rate at 95 %
 rate (threshold set on the in-distribution test scores here; the exported model's threshold
 comes from val). Writes ``reports/ood.json`` and ``reports/ood.md``.
 
-Run (after ``dvc repro``): ``python scripts/ood_evidence.py`` (``--cost-only``: time again)
+Run (after ``dvc repro``): ``python scripts/ood_evidence.py`` (``--cost-only``: time again;
+``python scripts/ood_evidence.py /tmp/evsets/charts``: add another data set, a folder of
+``root/<class>/*`` images, e.g. from ``scripts/make_evidence_sets.py``)
 """
 
 from __future__ import annotations
@@ -125,16 +127,32 @@ def shipped_model() -> dict:
             "in_distribution": {"split": "test", "images": int(len(split["test"][2]))}}
 
 
-def near_sets() -> dict:
-    from pipeline.core.caches import load_cache
+def frozen_head(train: tuple, val: tuple, classes: int):
+    """A head on frozen features (the train_head params), and its logits function."""
+    import torch
+
     from pipeline.core.config import load_params
     from pipeline.stages.train_head import fit_head
 
-    cache = load_cache(REPO / "data" / "features")
-    params = load_params(REPO / "params.yaml", "train_head")["train_head"]
+    params = load_params(REPO / "params.yaml", "train_head", resolve_auto=False)["train_head"]
+    head = fit_head(*train, *val, classes, dataclasses.replace(params, threads=2)).head
+
+    def logits(f: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return head(torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))).numpy()
+
+    return logits
+
+
+def near_sets(features_dir: Path = REPO / "data" / "features",
+              pairs: tuple = NEAR_PAIRS) -> dict:
+    from pipeline.core.caches import load_cache
+
+    cache = load_cache(features_dir)
+    names = cache.meta["classes"]
     x = {s: cache.split(s) for s in ("train", "val", "test")}
     rows = {}
-    for pair in NEAR_PAIRS:
+    for pair in pairs:
         keep = [c for c in range(len(cache.meta["classes"])) if c not in pair]
         remap = {c: i for i, c in enumerate(keep)}
 
@@ -144,19 +162,57 @@ def near_sets() -> dict:
             return f[mask], np.array([remap[int(v)] for v in y[mask]], dtype=np.int64)
 
         (tf, ty), (vf, vy), (sf, sy) = kept("train"), kept("val"), kept("test")
-        head = fit_head(tf, ty, vf, vy, len(keep), dataclasses.replace(params, threads=2)).head
-        import torch
-
-        def logits(f: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return head(torch.from_numpy(np.ascontiguousarray(f))).numpy()
-
+        logits = frozen_head((tf, ty), (vf, vy), len(keep))
         held = np.concatenate([x[s][0][np.isin(x[s][1], pair)] for s in ("val", "test")])
         detectors = {m: ood.fit(m, tf, ty, len(keep), vf, logits(vf)) for m in METHODS}
         ins = {m: d.score(sf, logits(sf)) for m, d in detectors.items()}
         outs = {m: d.score(held, logits(held)) for m, d in detectors.items()}
-        rows[f"digits {pair[0]} and {pair[1]} held out"] = table(ins, {"held out": outs})["held out"]
+        label = (f"digits {pair[0]} and {pair[1]}" if names[pair[0]].isdigit() else
+                 f"{names[pair[0]]} and {names[pair[1]]}")
+        rows[f"{label} held out"] = table(ins, {"held out": outs})["held out"]
     return rows
+
+
+def other_set(folder: Path) -> dict:
+    """Another data set (a ``root/<class>/*`` folder): prepared, the default backbone's frozen
+    features and a head on them; far sets are the same kinds plus the digits; near sets hold
+    out two of its classes (the first and last, then the two middle ones)."""
+    import tempfile
+
+    import torch
+    from sklearn.datasets import load_digits
+
+    from pipeline.core.backbones import build_backbone
+    from pipeline.core.caches import load_cache
+    from pipeline.core.config import BackboneParams, FeaturesParams, PrepareParams
+    from pipeline.stages.features import run as extract
+    from pipeline.stages.prepare import run as prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(PrepareParams(source="folder", path=str(folder)), Path(tmp) / "prepared")
+        extract(BackboneParams(), FeaturesParams(threads=2), Path(tmp) / "prepared",
+                Path(tmp) / "features")
+        cache = load_cache(Path(tmp) / "features")
+        n = len(cache.meta["classes"])
+        near = near_sets(Path(tmp) / "features", ((0, n - 1), (n // 2 - 1, n // 2)))
+    x = {s: cache.split(s) for s in ("train", "val", "test")}
+    logits = frozen_head(x["train"], x["val"], n)
+    detectors = {m: ood.fit(m, *x["train"], n, x["val"][0], logits(x["val"][0]))
+                 for m in METHODS}
+    ins = {m: d.score(x["test"][0], logits(x["test"][0])) for m, d in detectors.items()}
+    backbone = build_backbone(BackboneParams())
+    pp = backbone.preprocessing
+    digits = load_digits().images[:PER_SET]
+    kinds = far_sets() | {"digits": [np.stack([(d * 255 / 16).astype(np.uint8)] * 3, axis=-1)
+                                     for d in digits]}
+    outs = {}
+    with torch.no_grad():
+        for name, imgs in kinds.items():
+            crops = np.stack([resize_and_crop(i, pp) for i in imgs])
+            f = backbone.model.eval()(torch.from_numpy(normalize(crops, pp))).numpy()
+            outs[name] = {m: d.score(f, logits(f)) for m, d in detectors.items()}
+    return {"far": table(ins, outs), "near": near,
+            "note": "frozen Lite0 features and a head on them (no fine-tuning)"}
 
 
 def cost(repeats: int = 300) -> dict:
@@ -223,6 +279,15 @@ def markdown(report: dict) -> str:
                                               for m in METHODS) + " |"]
     for name, by_method in report["far_passed_at_val_threshold"].items():
         lines.append(f"| {name} | " + " | ".join(f"{by_method[m]:.2f}" for m in METHODS) + " |")
+    for name, other in report.get("other_sets", {}).items():
+        lines += ["", f"Another data set, `{name}` ({other['note']}):", "",
+                  "| images of no class | " + " | ".join(METHODS) + " |",
+                  "|---|" + "---|" * len(METHODS)]
+        for kind in ("far", "near"):
+            for row, by_method in other[kind].items():
+                lines.append(f"| {kind}: {row} | " + " | ".join(
+                    f"{by_method[m]['auroc']:.3f} / {by_method[m]['fpr_at_95_tpr']:.2f}"
+                    for m in METHODS) + " |")
     if "cost" in report:
         lines += ["", f"Inference time of the raw-pixel model with the {SHIPPED} output against "
                   "without it (onnxruntime CPU, 2 threads, median):", "",
@@ -237,17 +302,20 @@ if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(2)
-    if "--cost-only" in sys.argv:  # measure the added time again, keep the rest
+    others = [Path(a) for a in sys.argv[1:] if not a.startswith("--")]
+    if "--cost-only" in sys.argv or others:  # add to the kept report
         import json
 
         report = json.loads((REPO / "reports" / "ood.json").read_text())
+        for folder in others:
+            report.setdefault("other_sets", {})[folder.name] = other_set(folder)
     else:
         report = shipped_model()
         report["near"] = near_sets()
         report["near_note"] = ("frozen Lite0 features (data/features) and a head on the other "
                                "eight digits; the far rows use the shipped fine-tuned model")
     report["machine"] = cpu_name()
-    if "--no-cost" not in sys.argv:
+    if "--no-cost" not in sys.argv and not others:
         report["cost"] = cost()
     write_json(REPO / "reports" / "ood.json", report)
     write_text(REPO / "reports" / "ood.md", markdown(report))
