@@ -49,6 +49,8 @@ interpret:
   splits: [test, train]
   top_losses: 4
   threads: 2
+advise:  # the auto stage's params (nothing is auto here: it only says so)
+  verify: 0
 bench:
   providers: [cpu, cuda]
   variants: [fp32, int8]

@@ -30,6 +30,7 @@ import numpy as np
 METHODS = ("msp", "energy", "mahalanobis", "knn", "mahalanobis+msp")
 KNN_K = 10
 TPR = 0.95
+SCALE_FLOOR = 1e-3  # of the largest |score| on val
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -127,7 +128,10 @@ def _set_threshold(detector: Detector, val_features: np.ndarray,
     val = detector.score(val_features, val_logits)
     detector.threshold = float(np.quantile(val, 1.0 - TPR))
     spread = float(np.quantile(val, 0.75) - np.quantile(val, 0.25))
-    detector.scale = spread if spread > 0 else float(np.std(val)) or 1.0
+    # a floor: a saturated score (a softmax at 1.0 on every val image) would otherwise turn
+    # float32 rounding into whole units of in_distribution
+    floor = SCALE_FLOOR * max(1.0, float(np.abs(val).max()))
+    detector.scale = max(spread, floor)
     return detector
 
 

@@ -109,8 +109,14 @@ def sidecar_path(model_path: Any) -> Any:
     return Path(f"{model_path}.json")
 
 
+# keys added after the first contract: a writer that does not give them writes these
+DEFAULTS: dict[str, Any] = {"out_of_distribution": {"method": "none"}}
+
+
 def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
-    """Typed values -> ``metadata_props`` text, in table order; every key must be given."""
+    """Typed values -> ``metadata_props`` text, in table order; every key must be given
+    (those in :data:`DEFAULTS` may be left out)."""
+    values = DEFAULTS | values
     missing = [k for k in KEYS if k not in values]
     unknown = sorted(set(values) - set(KEYS))
     if missing or unknown:

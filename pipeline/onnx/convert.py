@@ -232,11 +232,13 @@ def deployable(classifier: Any, pp: Preprocessing, input_kind: str,
                 x = (x - self.mean) / self.std
             else:
                 x = image
+            if self.in_distribution is None:  # any classifier module: pixels -> logits
+                logits = self.classifier(x)
+                scaled = logits / self.temperature if self.temperature != 1.0 else logits
+                return torch.softmax(scaled, dim=1), logits
             features = self.classifier.backbone(x)
             logits = self.classifier.head(features)
             scaled = logits / self.temperature if self.temperature != 1.0 else logits
-            if self.in_distribution is None:
-                return torch.softmax(scaled, dim=1), logits
             return (torch.softmax(scaled, dim=1), logits,
                     self.in_distribution(features, logits))
 

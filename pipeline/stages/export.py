@@ -290,7 +290,7 @@ def _split_forward(classifier: Any, images: PreparedImages, keys: list[str],
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-OOD_TOLERANCE = 1e-3  # FP32 in_distribution vs PyTorch: a sigmoid of a 1,280-term sum
+OOD_TOLERANCE = 1e-2  # FP32 in_distribution (0..1) vs PyTorch: a sigmoid of 1,280-term sums
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ def values() -> dict:
         "backbone_layer": 5,
         "pipeline_version": "0.1.0", "training_metrics": {"test_accuracy": 0.9},
         "training_manifest_sha256": "ab", "finetune": {"blocks": 2},
+        "out_of_distribution": {"method": "none"},
     }
 
 
@@ -111,4 +112,4 @@ def test_the_exporter_and_the_runner_use_the_table(exported):
         assert typed["classes"] == runner.contract.classes and len(typed["classes"]) == 10
         assert typed["input_size"] == runner.contract.preprocessing.input_size == \
             json.loads((root / "model.json").read_text())["preprocessing"]["input_size"]
-        assert isinstance(typed["temperature"], float) and typed["outputs"] == ["probabilities"]
+        assert isinstance(typed["temperature"], float) and typed["outputs"] == ["probabilities", "in_distribution"]
