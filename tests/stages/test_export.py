@@ -916,3 +916,22 @@ def test_predict_marks_images_below_the_detector_threshold_unknown(exported, tmp
     (result,) = OnnxClassifier(plain).predict_files(paths[:1])
     assert result.in_distribution is None and not result.unknown
     assert OnnxClassifier(plain).ood_threshold is None
+
+
+def test_a_detector_the_files_do_not_reproduce_ships_without_the_output(exported, tmp_path,
+                                                                        monkeypatch):
+    """The classifier passed its checks; only the detector's failed: the export ships the
+    classifier alone and says why, it does not fail."""
+    from pipeline.stages import export as export_module
+
+    root, _ = exported
+    monkeypatch.setattr(export_module, "OOD_TOLERANCE", -1.0)
+    report = run(ExportParams(threads=2, variants=()), root / "model.safetensors",
+                 root / "model.json", root / "prepared", tmp_path / "m.onnx", tmp_path / "v",
+                 tmp_path / "e.json")
+    assert report["outputs"] == ["probabilities"] and report["variants"]["fp32"]["passed"]
+    reason = report["out_of_distribution"]["reason"]
+    assert report["out_of_distribution"]["method"] == "none"
+    assert reason.startswith("its check failed: fp32 in_distribution differs from PyTorch")
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["out_of_distribution"] == {
+        "method": "none"}
