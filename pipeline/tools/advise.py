@@ -393,29 +393,46 @@ def run(cfg: AdviseConfig, prepared_dir: str | Path, out_path: str | Path,
         apply_to: str | Path | None = None) -> dict[str, Any]:
     """Score every candidate's layers, place the regime, verify if asked; write the report;
     with ``apply_to`` (a params file), write the verified choice into it."""
-    import torch
-
-    prepared_dir, out_path = Path(prepared_dir), Path(out_path)
-    cfg = concrete(cfg)
-    params = cfg.advise
-    torch.set_num_threads(resolve_threads(params.threads))
-    started = time.perf_counter()
-    summary, classes, rows = read_prepared(prepared_dir)
-    sample = sample_rows(rows, params.max_images_per_class, params.seed)
-    class_index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([class_index[r["label"]] for r in sample], dtype=np.int64)
-    with tempfile.TemporaryDirectory() as tmp:
-        copies = Copies(cfg.prepare, prepared_dir, Path(tmp))
-        report = _score_and_verify(cfg, copies, classes, rows, sample, labels, started)
-        report.get("verified", {}).pop("caches", None)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    report["params"] = dataclasses.asdict(params)
-    report["machine"] = machine_fingerprint()
+    out_path = Path(out_path)
+    report, _ = _advise(concrete(cfg), Path(prepared_dir))
     write_reports(report, out_path)
     if apply_to is not None:
         apply_to_params(Path(apply_to), report["verified"]["params"])
         print(f"applied to {apply_to}: {' '.join(report['verified']['params'])}; run dvc repro")
     return report
+
+
+def _advise(cfg: AdviseConfig, prepared_dir: Path, only_layer: int | str | None = None,
+            keep: Path | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Score (and verify) on ``prepared_dir``; the report with its seconds, params and
+    machine. With ``keep`` (a folder), the verified winner's feature and cut caches are
+    copied there when they were made from ``prepared_dir`` itself; their names are returned."""
+    import shutil
+
+    import torch
+
+    torch.set_num_threads(resolve_threads(cfg.advise.threads))
+    started = time.perf_counter()
+    summary, classes, rows = read_prepared(prepared_dir)
+    sample = sample_rows(rows, cfg.advise.max_images_per_class, cfg.advise.seed)
+    class_index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([class_index[r["label"]] for r in sample], dtype=np.int64)
+    kept = []
+    with tempfile.TemporaryDirectory() as work:
+        copies = Copies(cfg.prepare, prepared_dir, Path(work))
+        report = _score_and_verify(cfg, copies, classes, rows, sample, labels, started,
+                                   only_layer)
+        caches = report.get("verified", {}).pop("caches", None)
+        if keep is not None and caches and caches["folder"] == prepared_dir:
+            for name in ("features", "cut_cache"):  # caches of re-prepared copies differ
+                if name in caches and (caches[name] / "meta.json").is_file():
+                    shutil.copytree(caches[name], keep / name)
+                    kept.append(name)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["params"] = dataclasses.asdict(cfg.advise)
+    report["machine"] = machine_fingerprint()
+    report["manifest_sha256"] = summary["manifest_sha256"]
+    return report, kept
 
 
 def write_reports(report: dict[str, Any], out_path: Path) -> None:
@@ -447,8 +464,6 @@ def run_auto(cfg: AdviseConfig, prepared_dir: str | Path, out_dir: str | Path) -
     (``features/``, ``cut_cache/``) for those stages to reuse instead of running the backbone
     again. With nothing ``auto`` it writes only ``{"requested": false}``: seconds, not minutes.
     """
-    import shutil
-
     from ..core import auto
     from ..core.atomic import atomic_dir
 
@@ -465,32 +480,11 @@ def run_auto(cfg: AdviseConfig, prepared_dir: str | Path, out_dir: str | Path) -
         only_layer = None if cfg.backbone.layer == auto.AUTO else cfg.backbone.layer
         cfg = concrete(dataclasses.replace(
             cfg, advise=dataclasses.replace(cfg.advise, backbones=(cfg.backbone.name,))))
-        import torch
-
-        torch.set_num_threads(resolve_threads(cfg.advise.threads))
-        started = time.perf_counter()
-        summary, classes, rows = read_prepared(prepared_dir)
-        sample = sample_rows(rows, cfg.advise.max_images_per_class, cfg.advise.seed)
-        class_index = {c: i for i, c in enumerate(classes)}
-        labels = np.array([class_index[r["label"]] for r in sample], dtype=np.int64)
-        with tempfile.TemporaryDirectory() as work:
-            copies = Copies(cfg.prepare, prepared_dir, Path(work))
-            report = _score_and_verify(cfg, copies, classes, rows, sample, labels, started,
-                                       only_layer)
-            caches = report["verified"].pop("caches")
-            reused = []
-            if caches["folder"] == prepared_dir:  # caches of re-prepared copies differ
-                for name in ("features", "cut_cache"):
-                    if name in caches and (caches[name] / "meta.json").is_file():
-                        shutil.copytree(caches[name], tmp / name)
-                        reused.append(name)
+        report, reused = _advise(cfg, prepared_dir, only_layer, keep=tmp)
         chosen = report["verified"]["chosen"]
-        report["seconds"] = round(time.perf_counter() - started, 1)
-        report["params"] = dataclasses.asdict(cfg.advise)
-        report["machine"] = machine_fingerprint()
         report["auto"] = {"keys": wanted, "caches": reused}
         made = auto.choice(chosen["layer"], chosen["finetune"], cfg.backbone.name,
-                           summary["manifest_sha256"],
+                           report["manifest_sha256"],
                            {"val_accuracy": chosen["val_accuracy"],
                             "heads_verified": len(report["verified"]["heads"]),
                             "recommendation_survived":
