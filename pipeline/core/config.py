@@ -21,7 +21,7 @@ from .paths import PATHS
 EMBEDDED_DEFAULT = "efficientnet_lite0"
 SplitName = Literal["train", "val", "test"]
 Provider = Literal["cpu", "openvino", "cuda", "tensorrt"]
-Variant = Literal["fp16", "int8"]
+Variant = Literal["fp16", "int8", "int8_openvino"]
 # the finetune keys that decide the cut cache's bytes (batch size and threads change how
 # onnxruntime splits its sums); the cut_cache stage's DVC params are exactly these, so changing
 # epochs or LRs keeps the cache
@@ -183,10 +183,13 @@ class ExportParams:
     opset: int = param(18, ge=18, le=23)
     input: Literal["uint8_nhwc", "float32_nchw"] = "uint8_nhwc"
     logits_output: bool = False
-    variants: tuple[Variant, ...] = ("fp16", "int8")
+    variants: tuple[Variant, ...] = ("fp16", "int8", "int8_openvino")
     calibration_images: int = param(2000, ge=1, help="training images for INT8 calibration "
                                     "(spread over the split; all of them when fewer)")
     int8_calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    int8_openvino_calibration_images: int = param(300, ge=1, help="of the calibration "
+                                                  "images, how many NNCF's quantiser reads "
+                                                  "(int8_openvino)")
     int8_reduce_range: bool = param(True, help="7-bit INT8 weights: onnxruntime's U8S8 kernels "
                                     "saturate 16-bit sums on CPUs without VNNI")
     check_images: int = param(64, ge=1, help="test images for the max |diff| check")
@@ -221,7 +224,8 @@ class BenchParams:
     """``bench`` section of params.yaml."""
 
     providers: tuple[Provider, ...] = ("cpu", "openvino", "cuda", "tensorrt")
-    variants: tuple[Literal["fp32", "fp16", "int8"], ...] = ("fp32", "fp16", "int8")
+    variants: tuple[Literal["fp32", "fp16", "int8", "int8_openvino"], ...] = (
+        "fp32", "fp16", "int8", "int8_openvino")
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     pytorch: bool = True
     iterations: int = param(100, ge=1, help="timed runs per configuration (at most)")

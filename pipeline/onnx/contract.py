@@ -69,16 +69,33 @@ FIELDS: tuple[Field, ...] = (
     # {"method", "threshold" (on in_distribution), "score_threshold", "scale", "tpr_on_val"}
     # or {"method": "none", "reason": ...}
     Field("out_of_distribution", json.dumps, json.loads),
+    # which file of the export this is (fp32 | fp16 | int8 | int8_openvino, VARIANTS' keys)
+    # and the engines export ran it in and found it within its variant's limit there: an app
+    # or `--providers auto` offers the file to those engines only
+    Field("variant"),
+    Field("engines", json.dumps, json.loads),
 )
 KEYS = tuple(f.key for f in FIELDS)
 
 
+# the inference engines export checks every file in (when installed): onnxruntime's CPU
+# provider, and OpenVINO (its plugin EP on Intel CPUs, the runtime itself elsewhere)
+ENGINES = ("onnxruntime", "openvino")
+
+
+def engine_of(provider: str) -> str:
+    """The engine behind a short provider name (cpu, cuda, tensorrt: onnxruntime)."""
+    return "openvino" if provider == "openvino" else "onnxruntime"
+
+
 @dataclass(frozen=True)
 class VariantFile:
-    """One file of ``models/variants/``: its name and the precision its network computes in."""
+    """One file of ``models/variants/``: its name, the precision its network computes in and
+    the engine it is made for (its gate must pass there, or export fails)."""
 
     file: str
     precision: str  # fp32 | fp16 | int8 (the contract's ``precision`` key)
+    engine: str = "onnxruntime"
 
 
 # The variants `pipeline export` writes beside the shipped model.onnx (raw pixels in, FP32),
@@ -87,7 +104,12 @@ class VariantFile:
 VARIANTS: dict[str, VariantFile] = {
     "fixed": VariantFile("model.fixed.onnx", "fp32"),
     "fp16": VariantFile("model.fp16.onnx", "fp16"),
+    # onnxruntime's static QDQ quantisation: accurate in onnxruntime; OpenVINO executes the
+    # same Q/DQ pairs with other rounding and lost 4.5 test points with it (AMD EPYC)
     "int8": VariantFile("model.int8.onnx", "int8"),
+    # NNCF's post-training quantisation (symmetric, bias-corrected) for OpenVINO; onnxruntime
+    # runs it too, but fuses few of its Q/DQ pairs and is then slower than FP32
+    "int8_openvino": VariantFile("model.int8.openvino.onnx", "int8", engine="openvino"),
 }
 
 
@@ -110,7 +132,8 @@ def sidecar_path(model_path: Any) -> Any:
 
 
 # keys added after the first contract: a writer that does not give them writes these
-DEFAULTS: dict[str, Any] = {"out_of_distribution": {"method": "none"}}
+DEFAULTS: dict[str, Any] = {"out_of_distribution": {"method": "none"}, "variant": "fp32",
+                             "engines": list(ENGINES)}
 
 
 def encode_metadata(values: dict[str, Any]) -> dict[str, str]:

@@ -70,10 +70,23 @@ def _metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _arg(port: Any) -> NodeArg:
+def _arg(port: Any, names: Sequence[str] = ()) -> NodeArg:
+    """A port as onnxruntime describes it, named by the ONNX file's own name for it (a port
+    can carry several names, e.g. an output that is also an inner tensor's)."""
     shape = [None if d.is_dynamic else d.get_length() for d in port.get_partial_shape()]
-    return NodeArg(port.get_any_name(), ONNX_TYPES.get(port.get_element_type().get_type_name(),
-                                                       str(port.get_element_type())), shape)
+    name = next((n for n in names if n in port.get_names()), port.get_any_name())
+    return NodeArg(name, ONNX_TYPES.get(port.get_element_type().get_type_name(),
+                                        str(port.get_element_type())), shape)
+
+
+def _io_names(path: Path) -> list[str]:
+    """The ONNX graph's input and output names (onnx package; none without it)."""
+    try:
+        import onnx
+    except ImportError:
+        return []
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [v.name for v in graph.input] + [v.name for v in graph.output]
 
 
 class OpenVinoSession:
@@ -93,8 +106,9 @@ class OpenVinoSession:
         config.update(options or {})
         self._compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
         self._request = self._compiled.create_infer_request()
-        self._inputs = [_arg(p) for p in self._compiled.inputs]
-        self._outputs = [_arg(p) for p in self._compiled.outputs]
+        names = _io_names(self.path)
+        self._inputs = [_arg(p, names) for p in self._compiled.inputs]
+        self._outputs = [_arg(p, names) for p in self._compiled.outputs]
         self._meta = ModelMeta(_metadata(self.path))
         self.version = runtime_version()
 
@@ -103,7 +117,8 @@ class OpenVinoSession:
         results = self._request.infer({name: np.ascontiguousarray(value)
                                        for name, value in feeds.items()})
         names = list(output_names) if output_names else [o.name for o in self._outputs]
-        return [np.array(results[self._compiled.output(name)], copy=True) for name in names]
+        ports = {o.name: port for o, port in zip(self._outputs, self._compiled.outputs)}
+        return [np.array(results[ports[name]], copy=True) for name in names]
 
     def get_inputs(self) -> list[NodeArg]:
         return list(self._inputs)

@@ -29,7 +29,8 @@ from ..core.errors import PipelineError
 from ..core.copies import DRAFT_MARGIN
 from ..core.imageio import DEFAULT_MAX_PIXELS, ImageRejected, load_rgb
 from ..core.preprocess import Preprocessing, normalize, resize_and_crop
-from .contract import CONTRACT, FIELDS, OOD_OUTPUT, decode_metadata, sidecar_path
+from .contract import (CONTRACT, ENGINES, FIELDS, OOD_OUTPUT, VARIANTS, decode_metadata, engine_of,
+                       sidecar_path)
 from .sessions import resolve_providers
 
 # how predict decodes: "copy" as prepare makes its copies (a large JPEG drafted to keep twice
@@ -155,6 +156,27 @@ class Prediction:
     unknown: bool = False
 
 
+def _variant(values: dict[str, Any]) -> str:
+    """The file's variant (``fp32``, ``int8_openvino``, ...; older files: their precision)."""
+    return str(values.get("variant") or values.get("precision", "fp32"))
+
+
+def _check_engine(path: Path, provider: str) -> None:
+    """Refuse a file on an engine its export did not pass it for (the ``engines`` key)."""
+    values = file_contract(path)
+    engines = values.get("engines", list(ENGINES))
+    if engine_of(provider) not in engines:
+        raise ModelError(f"{path}: export checked this file for {', '.join(engines) or 'no engine'} "
+                         f"only (it lost accuracy in {engine_of(provider)}, see "
+                         "reports/export.json); use the variant made for it "
+                         f"({_suggest(engine_of(provider))}) or another --providers")
+
+
+def _suggest(engine: str) -> str:
+    files = [v.file for v in VARIANTS.values() if v.engine == engine and v.precision == "int8"]
+    return ", ".join(files) or "model.fixed.onnx"
+
+
 class OnnxClassifier:
     """An exported model with its contract; ``provider`` is the one onnxruntime really uses."""
 
@@ -178,8 +200,9 @@ class OnnxClassifier:
         self.chosen_why = "as requested"
         if list(providers) == ["auto"]:
             values = file_contract(self.path)
-            name, self.chosen_why = auto_provider(_resizes_in_graph(values),
-                                                  values.get("precision", "fp32"), bench_report)
+            name, self.chosen_why = auto_provider(
+                _resizes_in_graph(values), _variant(values), bench_report,
+                engines=values.get("engines", list(ENGINES)))
             providers = [name, "cpu"] if name != "cpu" else ["cpu"]
         chosen = resolve_providers(providers)
         if chosen[0] in ("cuda", "tensorrt"):
@@ -204,6 +227,7 @@ class OnnxClassifier:
             raise ModelError(f"{self.path}: resizes inside the graph with antialiasing, which "
                              f"{chosen[0]} ignores; use the fixed-size variant "
                              "(models/variants/model.fixed.onnx or model.int8.onnx) with it")
+        _check_engine(self.path, chosen[0])
         self.provider = self.session.get_providers()[0]
         self.requested = chosen
 

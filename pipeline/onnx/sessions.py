@@ -261,19 +261,21 @@ def accurate_rows(rows: Sequence[dict[str, Any]],
 
 def auto_provider(model_resizes_in_graph: bool, variant: str,
                   bench_report: str | Path | None = None,
-                  max_accuracy_drop: float = MAX_ACCURACY_DROP) -> tuple[str, str]:
+                  max_accuracy_drop: float = MAX_ACCURACY_DROP,
+                  engines: Sequence[str] = ("onnxruntime", "openvino")) -> tuple[str, str]:
     """(provider, why) for ``--providers auto``: the fastest provider that ran this kind of
     file in the last ``pipeline bench`` report of *this* machine with accuracy within
     ``max_accuracy_drop`` of FP32; without such a report (none, or one measured on another
     machine), a fixed order (CUDA, then OpenVINO on an Intel or AMD x86 CPU for a fixed-size
     file, then CPU). Engines that ignore antialiased Resize are never picked for the
-    raw-pixel model."""
+    raw-pixel model, nor engines the file's export did not pass it for (``engines``)."""
     import json
 
     from ..core.runtime import machine_fingerprint
+    from .contract import engine_of
 
     allowed = [n for n in PROVIDERS
-               if unavailable_reason(n) is None
+               if unavailable_reason(n) is None and engine_of(n) in engines
                and (n in ANTIALIASED_RESIZE or not model_resizes_in_graph)]
     report = Path(bench_report) if bench_report else None
     why_not = "no bench report for this kind of file"

@@ -28,10 +28,13 @@ Every export is checked and the figures land in ``reports/export.json``: ``onnx.
 check); onnxruntime versus the PyTorch model on real test images (max |diff| of probabilities
 and logits, target <= ``export.tolerance``); top-1 agreement on the whole test split (100 % for
 FP32, for the shipped raw-pixel model fed the original images and for the fixed graph), and
-the in-graph resize against Pillow's on the test images and on odd sizes. Variants: ``fp16`` (agreement >= ``fp16_min_agreement``) and
+the in-graph resize against Pillow's on the test images and on odd sizes. Variants: ``fp16`` (agreement >= ``fp16_min_agreement``),
 ``int8`` (static QDQ by onnxruntime's quantisation tools, calibrated on training images; test
-accuracy within ``int8_max_accuracy_drop`` of FP32). A check over its limit fails the stage and
-no output is replaced.
+accuracy within ``int8_max_accuracy_drop`` of FP32) and ``int8_openvino`` (NNCF's quantiser, the
+same limit, measured in OpenVINO). Each file is gated in the engine it is made for (the variant
+table's ``engine``); a check over its limit there fails the stage and no output is replaced.
+Every file is also run in the other engine where it is installed, and its ``engines`` metadata
+lists the engines where it passed its gate: a file is offered to those engines only.
 
 Run: ``pipeline export --model models/model.safetensors --config models/model.json ...``
 """
@@ -42,6 +45,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -61,6 +65,7 @@ from ..core.runtime import resolve_threads
 from ..onnx.contract import (
     CONTRACT,
     INPUT_NAME,
+    ENGINES,
     OOD_OUTPUT,
     VARIANTS,
     encode_metadata,
@@ -72,6 +77,7 @@ from ..onnx.convert import (
     drop_logits_output,
     export_fp16,
     export_int8,
+    export_int8_openvino,
     set_metadata,
     write_model,
     write_sidecar,
@@ -243,14 +249,18 @@ def _images(images: PreparedImages, keys: list[str], pp: Preprocessing) -> np.nd
     return np.stack([images.crop(k, pp) for k in keys])
 
 
+def _session(path: Path, threads: int, engine: str) -> Any:
+    """A session on ``engine``: onnxruntime's CPU provider, or OpenVINO (plugin EP or runtime)."""
+    from ..onnx.sessions import new_session, session_options
+
+    names = ["cpu"] if engine == "onnxruntime" else ["openvino", "cpu"]
+    return new_session(path, names, session_options(threads))
+
+
 def _run_ort(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preprocessing,
-             batch: int = 32) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    from ..onnx.sessions import session_options
-
-    session = ort.InferenceSession(str(path), session_options(params.threads),
-                                   providers=["CPUExecutionProvider"])
+             batch: int = 32, engine: str = "onnxruntime") -> dict[str, np.ndarray]:
+    """Every output of the fixed-size file ``path`` for crops ``pixels``, run by ``engine``."""
+    session = _session(path, params.threads, engine)
     names = [o.name for o in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for s in range(0, len(pixels), batch):
@@ -356,7 +366,7 @@ def _int8_gate(variant: str, row: dict[str, Any], fp32_accuracy: float,
     row["accuracy_drop_vs_fp32"] = fp32_accuracy - row["test_accuracy"]
     if row["accuracy_drop_vs_fp32"] <= params.int8_max_accuracy_drop + 1e-12:
         return None
-    return (f"int8 test accuracy {row['test_accuracy']:.4f} is "
+    return (f"{variant} test accuracy {row['test_accuracy']:.4f} is "
             f"{row['accuracy_drop_vs_fp32']:.4f} below fp32 (limit "
             f"export.int8_max_accuracy_drop={params.int8_max_accuracy_drop})")
 
@@ -377,6 +387,37 @@ def _build_int8(fixed: Path, out: Path, params: ExportParams, calibration: Any) 
     return {"calibration_images": len(calib)}
 
 
+def _build_int8_openvino(fixed: Path, out: Path, params: ExportParams,
+                         calibration: Any) -> dict[str, Any]:
+    if _openvino_missing():
+        raise VariantUnavailable(_openvino_missing())
+    calib = calibration()
+    source = fixed
+    if not params.logits_output:
+        source = out.with_name("fp32_probabilities_only.onnx")
+        shutil.copyfile(fixed, source)
+        drop_logits_output(source)
+    started = time.perf_counter()
+    export_int8_openvino(source, out, calib, params.int8_openvino_calibration_images)
+    return {"int8_openvino_quantize_s": round(time.perf_counter() - started, 1)}
+
+
+class VariantUnavailable(Exception):
+    """A variant this machine cannot make (its library is missing): skipped, with the reason."""
+
+
+def _openvino_missing() -> str | None:
+    """Why OpenVINO files cannot be made or checked here (NNCF or the OpenVINO runtime
+    missing), or None."""
+    import importlib.util
+
+    from ..onnx.sessions import unavailable_reason
+
+    if importlib.util.find_spec("nncf") is None:
+        return "NNCF is not installed (pip install nncf)"
+    return unavailable_reason("openvino")
+
+
 @dataclass(frozen=True)
 class VariantStep:
     """How export makes a variant from the fixed-size FP32 file (None: it is that file) and
@@ -392,6 +433,7 @@ STEPS: dict[str, VariantStep] = {
     "fixed": VariantStep(None, _exact_gate),
     "fp16": VariantStep(_build_fp16, _fp16_gate),
     "int8": VariantStep(_build_int8, _int8_gate),
+    "int8_openvino": VariantStep(_build_int8_openvino, _int8_gate),
 }
 
 
@@ -430,19 +472,54 @@ def _check(variant: str, row: dict[str, Any], report: dict[str, Any],
     return failures
 
 
+def _engine_checks(variant: str, path: Path, row: dict[str, Any], checks: Checks,
+                   report: dict[str, Any], params: ExportParams, pp: Preprocessing,
+                   raw_input: bool) -> list[str]:
+    """The file in every engine here (its own engine's row is ``row``): each engine's test
+    accuracy, top-1 agreement and whether the variant's gate passes there, in
+    ``row["engines"]``; returns the engines where it passed (its ``engines`` metadata)."""
+    own = VARIANTS.get(variant, VARIANTS["fixed"]).engine
+    row["engine"] = own
+    row["engines"] = {own: {"test_accuracy": row["test_accuracy"],
+                            "top1_agreement": row["top1_agreement"], "passed": row["passed"]}}
+    passed = [own] if row["passed"] else []
+    for engine in ENGINES:
+        if engine == own:
+            continue
+        if variant == "fp32" and raw_input:  # OpenVINO ignores the antialiased in-graph resize
+            row["engines"][engine] = {"passed": False, "reason": "resizes inside the graph "
+                                      "with antialiasing, which OpenVINO ignores"}
+            continue
+        missing = _openvino_missing() if engine == "openvino" else None
+        if missing:
+            row["engines"][engine] = {"passed": False, "reason": missing}
+            continue
+        other = _measure(variant, path, dataclasses.replace(checks, ref_in=None), params, pp,
+                         raw_input, engine)
+        fp32_accuracy = report["variants"].get("fp32", row)["test_accuracy"]
+        failure = STEPS[variant].gate(variant, other, fp32_accuracy, params)
+        row["engines"][engine] = {"test_accuracy": other["test_accuracy"],
+                                  "top1_agreement": other["top1_agreement"],
+                                  "passed": failure is None} | (
+            {"reason": failure} if failure else {})
+        if failure is None:
+            passed.append(engine)
+    return passed
+
+
 def _calibration(params: ExportParams, fit: dict[str, Any] | None) -> tuple[float, bool]:
     temperature = fit["temperature"] if fit else 1.0
     return temperature, bool(fit and fit["applied"])
 
 
 def _measure(variant: str, path: Path, checks: Checks, params: ExportParams, pp: Preprocessing,
-             raw_input: bool) -> dict[str, Any]:
-    """Run one file on the test split and compare it with PyTorch."""
+             raw_input: bool, engine: str = "onnxruntime") -> dict[str, Any]:
+    """Run one file on the test split in ``engine`` and compare it with PyTorch."""
     raw = variant == "fp32" and raw_input
     if raw:  # the original images, as an app has them
         out = _run_raw(path, checks.decoded, params.threads)
     else:
-        out = _run_ort(path, checks.pixels, params, pp)
+        out = _run_ort(path, checks.pixels, params, pp, engine=engine)
     probs, logits = out["probabilities"], out.get("logits")
     n = checks.n_check
     top1 = probs.argmax(1)
@@ -459,7 +536,7 @@ def _measure(variant: str, path: Path, checks: Checks, params: ExportParams, pp:
     }
     if checks.ref_in is not None and checks.probes is not None:
         probe_out = (_run_raw(path, list(checks.probes), params.threads) if raw
-                     else _run_ort(path, checks.probes, params, pp))
+                     else _run_ort(path, checks.probes, params, pp, engine=engine))
         got = np.r_[out[OOD_OUTPUT], probe_out[OOD_OUTPUT]]
         ref = np.r_[checks.ref_in, checks.ref_probe_in]
         cut = checks.thresholds.get(variant, 0.5)
@@ -590,20 +667,34 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                                                     temperature, calibrated, detector)
                 report["preprocessing"] = preprocessing_check(classifier, staged["fp32"], decoded,
                                                               pixels, pp, temperature, threads)
+            report["skipped_variants"] = {}
             for variant in params.variants:
                 staged[variant] = Path(work) / VARIANTS[variant].file
-                report |= STEPS[variant].build(fixed, staged[variant], params, calibration_pixels)
-                set_metadata(staged[variant], precision=VARIANTS[variant].precision)
+                try:
+                    report |= STEPS[variant].build(fixed, staged[variant], params,
+                                                   calibration_pixels)
+                except VariantUnavailable as why:
+                    print(f"export: {variant} not made here: {why}")
+                    report["skipped_variants"][variant] = str(why)
+                    del staged[variant]
+                    continue
+                set_metadata(staged[variant], precision=VARIANTS[variant].precision,
+                             variant=variant)
                 if detector is not None:  # its features moved: its own cut, 95 % of val through it
-                    val_in = _run_ort(staged[variant], val_pixels(), params, pp)[OOD_OUTPUT]
+                    val_in = _run_ort(staged[variant], val_pixels(), params, pp,
+                                      engine=VARIANTS[variant].engine)[OOD_OUTPUT]
                     checks.thresholds[variant] = round(float(np.quantile(val_in, 1 - TPR)), 6)
                     set_metadata(staged[variant], out_of_distribution=json.dumps(
                         _ood_entry(detector) | {"threshold": checks.thresholds[variant]}))
             # 3. check every file against PyTorch; any gate that fails stops the stage
             for variant, path in staged.items():
-                row = _measure(variant, path, checks, params, pp, raw_input)
+                engine = VARIANTS.get(variant, VARIANTS["fixed"]).engine
+                row = _measure(variant, path, checks, params, pp, raw_input, engine)
                 report["variants"][variant] = row
                 failures += _check(variant, row, report, params)
+                engines = _engine_checks(variant, path, row, checks, report, params, pp,
+                                         raw_input)
+                set_metadata(path, engines=json.dumps(engines))
             if raw_input and report["preprocessing"]["odd_size_top1_agreement"] < 1.0:
                 failures.append(f"the shipped model disagrees with PyTorch on "
                                 f"{1 - report['preprocessing']['odd_size_top1_agreement']:.1%} of "
@@ -642,9 +733,13 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     else:
         print(f"export: no {OOD_OUTPUT} output ({ood_report['reason']})")
     for variant, row in report["variants"].items():
-        print(f"export {variant:5s} {row['file']:22s} {row['bytes'] / 1e6:6.1f} MB  max |diff| "
+        others = "; ".join(f"{e} {v['test_accuracy']:.4f}" + ("" if v["passed"] else " refused")
+                           for e, v in row.get("engines", {}).items()
+                           if e != row.get("engine") and "test_accuracy" in v)
+        print(f"export {variant:13s} {row['file']:26s} {row['bytes'] / 1e6:6.1f} MB  max |diff| "
               f"probs {row['max_abs_diff_probabilities']:.2e}  top-1 agreement "
-              f"{row['top1_agreement']:.4f}  test accuracy {row['test_accuracy']:.4f}")
+              f"{row['top1_agreement']:.4f}  test accuracy {row['test_accuracy']:.4f} "
+              f"({row.get('engine', 'onnxruntime')}{'; ' + others if others else ''})")
     return report
 
 

@@ -28,7 +28,8 @@ def values() -> dict:
         "backbone_layer": 5,
         "pipeline_version": "0.1.0", "training_metrics": {"test_accuracy": 0.9},
         "training_manifest_sha256": "ab", "finetune": {"blocks": 2},
-        "out_of_distribution": {"method": "none"},
+        "out_of_distribution": {"method": "none"}, "variant": "fp32",
+        "engines": ["onnxruntime", "openvino"],
     }
 
 
@@ -37,6 +38,15 @@ def test_round_trip_gives_back_every_typed_value():
     assert list(text) == list(KEYS) and all(isinstance(v, str) for v in text.values())
     assert json.loads(text["classes"]) == ["cat", "dog"] and text["input_size"] == "224"
     assert decode_metadata(text) == values()
+    one_engine = values() | {"variant": "int8_openvino", "engines": ["openvino"]}
+    assert decode_metadata(encode_metadata(one_engine)) == one_engine
+
+
+def test_a_writer_without_variant_and_engines_gets_the_defaults():
+    """Files of older writers: the FP32 file, offered to every engine."""
+    short = {k: v for k, v in values().items() if k not in ("variant", "engines")}
+    typed = decode_metadata(encode_metadata(short))
+    assert typed["variant"] == "fp32" and typed["engines"] == ["onnxruntime", "openvino"]
 
 
 def test_false_flags_come_back_false():

@@ -177,14 +177,14 @@ def test_openvino_rows_run_through_the_plugin_or_say_why_not(exported, tmp_path)
 
     report = _run(exported, tmp_path, QUICK)
     rows = [r for r in report["rows"] if r["provider"] == "openvino"]
-    assert {r["variant"] for r in rows} == {"fp32", "fp16", "int8"}
+    assert {r["variant"] for r in rows} == {"fp32", "fp16", "int8", "int8_openvino"}
     reason = unavailable_reason("openvino")
     if reason is not None:
         assert all(r["status"] == "unavailable" and r["reason"] == reason
                    and "pip install openvino" in reason for r in rows)
         return
     ok = {(r["variant"], r["batch_size"]): r for r in rows if r["status"] == "ok"}
-    assert set(ok) == {(v, b) for v in ("fp32", "fp16", "int8") for b in (1, 3)}
+    assert set(ok) == {(v, b) for v in ("fp32", "fp16", "int8", "int8_openvino") for b in (1, 3)}
     cpu = {(r["variant"], r["batch_size"]): r for r in report["rows"]
            if r["provider"] == "cpu" and r["engine"] == "onnxruntime"}
     # same file, same images: FP32 accuracy equal to onnxruntime CPU's within one image

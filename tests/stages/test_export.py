@@ -45,6 +45,22 @@ def test_export_checks_pass_and_are_recorded(exported):
     assert int8["top1_agreement"] >= 0.9
     assert (root / "out" / "variants" / "model.fp16.onnx").is_file()
     assert (root / "out" / "variants" / "model.int8.onnx").is_file()
+    # every file ran in both engines; each is gated in the engine it is made for, and its
+    # metadata lists the engines where it passed
+    from pipeline.onnx.runner import file_contract
+
+    for name, row in report["variants"].items():
+        path = root / "out" / ("model.onnx" if name == "fp32" else "variants/" + row["file"])
+        values = file_contract(path)
+        assert values["variant"] == ("fp32" if name in ("fp32", "fixed") else name)
+        assert values["engines"] == [e for e, v in row["engines"].items() if v["passed"]]
+        assert row["engines"][row["engine"]]["test_accuracy"] == row["test_accuracy"]
+    assert report["variants"]["int8_openvino"]["engine"] == "openvino"
+    assert report["variants"]["int8"]["engine"] == "onnxruntime"
+    assert "openvino" not in file_contract(root / "out" / "model.onnx")["engines"]
+    assert "test_accuracy" in report["variants"]["int8"]["engines"]["openvino"]
+    nncf_model = onnx.load(str(root / "out" / "variants" / "model.int8.openvino.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in nncf_model.graph.node)
     int8_model = onnx.load(str(root / "out" / "variants" / "model.int8.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in int8_model.graph.node)
     # every file carries the detector, checked against PyTorch on test and probe images
@@ -87,7 +103,8 @@ def test_one_self_contained_file_with_metadata(exported):
                                                                  "variants"]
     assert sorted(p.name for p in (root / "out" / "variants").iterdir()) == [
         "model.fixed.onnx", "model.fixed.onnx.json", "model.fp16.onnx", "model.fp16.onnx.json",
-        "model.int8.onnx", "model.int8.onnx.json"]
+        "model.int8.onnx", "model.int8.onnx.json", "model.int8.openvino.onnx",
+        "model.int8.openvino.onnx.json"]
     # raw pixels of any size in: batch, height and width are free, 3 channels
     (image,) = model.graph.input
     dims = image.type.tensor_type.shape.dim
@@ -487,6 +504,28 @@ def test_readme_snippet_runs_with_onnxruntime_numpy_pillow_only(exported, tmp_pa
         assert line == f"{r.path}: {label} {prob:.3f}"
 
 
+def test_a_file_is_refused_on_an_engine_its_export_did_not_pass(exported, tmp_path):
+    """``engines`` in the contract: the runner refuses the file elsewhere, naming the file
+    made for that engine; ``--providers auto`` never picks such an engine."""
+    import shutil
+
+    from pipeline.onnx.convert import set_metadata, write_sidecar
+    from pipeline.onnx.sessions import auto_provider
+
+    root, _ = exported
+    path = tmp_path / "model.int8.onnx"
+    shutil.copyfile(root / "out" / "variants" / "model.int8.onnx", path)
+    set_metadata(path, engines=json.dumps(["openvino"]))
+    write_sidecar(path)
+    with pytest.raises(ModelError, match=r"checked this file for openvino only .*"
+                                         r"model\.fixed\.onnx|checked this file for openvino"):
+        OnnxClassifier(path, providers=["cpu"])
+    assert auto_provider(False, "int8", None, engines=["onnxruntime"])[0] != "openvino"
+    set_metadata(path, engines=json.dumps(["onnxruntime", "openvino"]))
+    write_sidecar(path)
+    assert OnnxClassifier(path, providers=["cpu"]).provider == "CPUExecutionProvider"
+
+
 def test_export_params_reject_unknown_variant():
     from pipeline.core.errors import ParamsError
     from pipeline.core.params import parse_section
@@ -508,8 +547,11 @@ def test_one_variant_table_drives_export_and_its_params():
     assert set(typing.get_args(Variant)) == set(VARIANTS) - {"fixed"}
     assert set(STEPS) == set(VARIANTS) | {"fp32"}
     for name in typing.get_args(Variant):
-        assert STEPS[name].build is not None and VARIANTS[name].precision == name
+        assert STEPS[name].build is not None and name.startswith(VARIANTS[name].precision)
     assert STEPS["fp16"].gate is not STEPS["int8"].gate
+    # each INT8 file is made for one engine, gated there
+    assert (VARIANTS["int8"].engine, VARIANTS["int8_openvino"].engine) == ("onnxruntime",
+                                                                           "openvino")
 
 
 # --------------------------------------------------------------------------- interpret
@@ -698,6 +740,8 @@ def test_the_temperature_is_fitted_on_val_not_on_test(exported):
                "top1_agreement": 1.0}, "fixed differs from PyTorch"),
     ("fp16", {"top1_agreement": 0.99}, "fp16 top-1 agreement 0.9900 < export.fp16_min"),
     ("int8", {"test_accuracy": 0.88}, "int8 test accuracy 0.8800 is 0.0200 below fp32"),
+    ("int8_openvino", {"test_accuracy": 0.88},
+     "int8_openvino test accuracy 0.8800 is 0.0200 below fp32"),
 ])
 def test_each_export_gate_fails_on_its_own(variant, row, message):
     """Every clause of every gate can fail by itself (the FP32 check is not only the
@@ -795,7 +839,7 @@ def test_every_exported_file_loads_without_an_onnxruntime_warning(exported):
 
     root, _ = exported
     files = sorted((root / "out").rglob("*.onnx"))
-    assert len(files) == 4
+    assert len(files) == 5
     code = ("import sys, onnxruntime as ort\n"
             "for f in sys.argv[1:]:\n"
             "    o = ort.SessionOptions(); o.log_severity_level = 2\n"
