@@ -161,9 +161,9 @@ def _variant(values: dict[str, Any]) -> str:
     return str(values.get("variant") or values.get("precision", "fp32"))
 
 
-def _check_engine(path: Path, provider: str) -> None:
-    """Refuse a file on an engine its export did not pass it for (the ``engines`` key)."""
-    values = file_contract(path)
+def _check_engine(path: Path, values: dict[str, Any], provider: str) -> None:
+    """Refuse a file on an engine its export did not pass it for (the ``engines`` key of its
+    decoded contract ``values``)."""
     engines = values.get("engines", list(ENGINES))
     if engine_of(provider) not in engines:
         raise ModelError(f"{path}: export checked this file for {', '.join(engines) or 'no engine'} "
@@ -227,7 +227,7 @@ class OnnxClassifier:
             raise ModelError(f"{self.path}: resizes inside the graph with antialiasing, which "
                              f"{chosen[0]} ignores; use the fixed-size variant "
                              "(models/variants/model.fixed.onnx or model.int8.onnx) with it")
-        _check_engine(self.path, chosen[0])
+        _check_engine(self.path, self.contract.values, chosen[0])
         self.provider = self.session.get_providers()[0]
         self.requested = chosen
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from ..core.errors import PipelineError
 from ..core.runtime import resolve_threads
+from .contract import ENGINES, engine_of
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
@@ -262,7 +263,7 @@ def accurate_rows(rows: Sequence[dict[str, Any]],
 def auto_provider(model_resizes_in_graph: bool, variant: str,
                   bench_report: str | Path | None = None,
                   max_accuracy_drop: float = MAX_ACCURACY_DROP,
-                  engines: Sequence[str] = ("onnxruntime", "openvino")) -> tuple[str, str]:
+                  engines: Sequence[str] = ENGINES) -> tuple[str, str]:
     """(provider, why) for ``--providers auto``: the fastest provider that ran this kind of
     file in the last ``pipeline bench`` report of *this* machine with accuracy within
     ``max_accuracy_drop`` of FP32; without such a report (none, or one measured on another
@@ -272,7 +273,6 @@ def auto_provider(model_resizes_in_graph: bool, variant: str,
     import json
 
     from ..core.runtime import machine_fingerprint
-    from .contract import engine_of
 
     allowed = [n for n in PROVIDERS
                if unavailable_reason(n) is None and engine_of(n) in engines

@@ -257,7 +257,7 @@ def _session(path: Path, threads: int, engine: str) -> Any:
     return new_session(path, names, session_options(threads))
 
 
-def _run_ort(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preprocessing,
+def _run_fixed(path: Path, pixels: np.ndarray, params: ExportParams, pp: Preprocessing,
              batch: int = 32, engine: str = "onnxruntime") -> dict[str, np.ndarray]:
     """Every output of the fixed-size file ``path`` for crops ``pixels``, run by ``engine``."""
     session = _session(path, params.threads, engine)
@@ -376,27 +376,31 @@ def _build_fp16(fixed: Path, out: Path, params: ExportParams, calibration: Any) 
     return {}
 
 
+def _quantisation_source(fixed: Path, out: Path, params: ExportParams) -> Path:
+    """The FP32 graph an INT8 file is quantised from: the one that ships (a logits output
+    changes the QDQ plan), as a copy beside ``out`` when logits are dropped."""
+    if params.logits_output:
+        return fixed
+    source = out.with_name("fp32_probabilities_only.onnx")
+    shutil.copyfile(fixed, source)
+    drop_logits_output(source)
+    return source
+
+
 def _build_int8(fixed: Path, out: Path, params: ExportParams, calibration: Any) -> dict[str, Any]:
     calib = calibration()
-    source = fixed
-    if not params.logits_output:  # quantise the graph that ships: a logits output changes
-        source = out.with_name("fp32_probabilities_only.onnx")  # the QDQ plan
-        shutil.copyfile(fixed, source)
-        drop_logits_output(source)
-    export_int8(source, out, calib, params.int8_calibration, params.int8_reduce_range)
+    export_int8(_quantisation_source(fixed, out, params), out, calib, params.int8_calibration,
+                params.int8_reduce_range)
     return {"calibration_images": len(calib)}
 
 
 def _build_int8_openvino(fixed: Path, out: Path, params: ExportParams,
                          calibration: Any) -> dict[str, Any]:
-    if _openvino_missing():
-        raise VariantUnavailable(_openvino_missing())
+    missing = _openvino_missing()
+    if missing:
+        raise VariantUnavailable(missing)
     calib = calibration()
-    source = fixed
-    if not params.logits_output:
-        source = out.with_name("fp32_probabilities_only.onnx")
-        shutil.copyfile(fixed, source)
-        drop_logits_output(source)
+    source = _quantisation_source(fixed, out, params)
     started = time.perf_counter()
     export_int8_openvino(source, out, calib, params.int8_openvino_calibration_images)
     return {"int8_openvino_quantize_s": round(time.perf_counter() - started, 1)}
@@ -519,7 +523,7 @@ def _measure(variant: str, path: Path, checks: Checks, params: ExportParams, pp:
     if raw:  # the original images, as an app has them
         out = _run_raw(path, checks.decoded, params.threads)
     else:
-        out = _run_ort(path, checks.pixels, params, pp, engine=engine)
+        out = _run_fixed(path, checks.pixels, params, pp, engine=engine)
     probs, logits = out["probabilities"], out.get("logits")
     n = checks.n_check
     top1 = probs.argmax(1)
@@ -536,7 +540,7 @@ def _measure(variant: str, path: Path, checks: Checks, params: ExportParams, pp:
     }
     if checks.ref_in is not None and checks.probes is not None:
         probe_out = (_run_raw(path, list(checks.probes), params.threads) if raw
-                     else _run_ort(path, checks.probes, params, pp, engine=engine))
+                     else _run_fixed(path, checks.probes, params, pp, engine=engine))
         got = np.r_[out[OOD_OUTPUT], probe_out[OOD_OUTPUT]]
         ref = np.r_[checks.ref_in, checks.ref_probe_in]
         cut = checks.thresholds.get(variant, 0.5)
@@ -681,7 +685,7 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                 set_metadata(staged[variant], precision=VARIANTS[variant].precision,
                              variant=variant)
                 if detector is not None:  # its features moved: its own cut, 95 % of val through it
-                    val_in = _run_ort(staged[variant], val_pixels(), params, pp,
+                    val_in = _run_fixed(staged[variant], val_pixels(), params, pp,
                                       engine=VARIANTS[variant].engine)[OOD_OUTPUT]
                     checks.thresholds[variant] = round(float(np.quantile(val_in, 1 - TPR)), 6)
                     set_metadata(staged[variant], out_of_distribution=json.dumps(
