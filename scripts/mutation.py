@@ -82,7 +82,8 @@ MODULES: tuple[Module, ...] = (
            ("split_class", "scan_csv", "scan_folder", "decode_candidate", "ordered_map",
             "_rejected_hint")),
     Module("export (the checks)", "pipeline/stages/export.py", ("tests/stages/test_export.py",),
-           150, ("_check", "preprocessing_check", "_logits", "_run_ort")),
+           150, ("_check", "preprocessing_check", "_logits", "_run_fixed", "_exact_gate",
+                 "_fp16_gate", "_int8_gate", "_engine_checks")),
     Module("bench (the accuracy rule: summary, ratios, headline, fastest)",
            "pipeline/stages/bench.py",
            ("tests/stages/test_bench.py::test_the_summary_ratios_headline_and_fastest_path_never_"
@@ -112,6 +113,10 @@ MODULES: tuple[Module, ...] = (
            ("tests/tools/test_predict.py",), 120),
     Module("auto (resolution)", "pipeline/core/auto.py", ("tests/core/test_auto.py",), 60),
     Module("ood (scores, fit, metrics)", "pipeline/core/ood.py", ("tests/core/test_ood.py",), 60),
+    Module("card (variant engines)", "pipeline/stages/card.py",
+           ("tests/stages/test_export.py::test_card_reads_every_figure_from_the_stage_outputs",
+            "tests/stages/test_export.py"), 150,
+           ("_engine_results", "_engine_cell", "_offered")),
 )
 
 

@@ -58,6 +58,8 @@ bench:
   iterations: 5
   time_budget_s: 0.5
   warmup: 1
+  paired_rounds: 2
+  paired_block_s: 0.1
   threads: 2
 """
 

@@ -231,6 +231,9 @@ class BenchParams:
     iterations: int = param(100, ge=1, help="timed runs per configuration (at most)")
     time_budget_s: float = param(5.0, gt=0.0, help="timed seconds per configuration (at most)")
     warmup: int = param(3, ge=0)
+    paired_rounds: int = param(10, ge=0, help="interleaved rounds timing the best accurate "
+                               "CPU path against onnxruntime CPU FP32; 0 = off")
+    paired_block_s: float = param(0.5, gt=0.0, help="seconds each side runs per round")
     accuracy_images: int = param(0, ge=0, help="test images for accuracy; 0 = whole split")
     threads: int = param(0, ge=0, help="0: one per CPU this process may use")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"

@@ -23,9 +23,15 @@ onnxruntime and PyTorch both run FP32 convolutions as TF32 by default; ``bench.c
 uses an engine cache folder and min/opt/max profile shapes covering the batch list, with
 ``bench.trt_fp16``.
 
+Rows are timed one after another, minutes apart, and a shared machine's speed drifts in that
+time; so the speedup of the best accurate CPU path (onnxruntime CPU or OpenVINO, any variant)
+over onnxruntime CPU FP32 is also timed *paired*: both sessions alternate in short blocks for
+``bench.paired_rounds`` rounds, and the median of the per-round speedups is reported.
+
 Outputs: ``reports/bench.json`` (rows), ``reports/bench.md`` (a table to paste in an issue)
-and ``reports/bench.png`` (throughput by batch size). The last line sums up the best
-onnxruntime configuration's speedup over PyTorch eager on each device.
+and ``reports/bench.png`` (throughput by batch size). The last lines sum up the best accurate
+ONNX configuration's speedup over PyTorch eager on each device (naming its engine) and the
+paired speedups.
 
 Run: ``pipeline bench --model models/model.onnx --variants-dir models/variants``
 """
@@ -54,7 +60,7 @@ from ..core.errors import PipelineError
 from ..core.params import as_dict
 from ..core.runtime import (available_cpus, cpu_name, cuda_tf32, machine_fingerprint,
                             resolve_threads)
-from ..onnx.contract import VARIANTS
+from ..onnx.contract import VARIANTS, engine_of
 from ..onnx.sessions import (PROVIDERS, accurate_rows, cuda_tf32_option, new_session,
                              openvino_backend, unavailable_reason)
 
@@ -112,6 +118,42 @@ def time_runs(run: Callable[[], Any], params: BenchParams) -> dict[str, Any]:
             "p99_ms": round(float(np.percentile(ms, 99)), 3),
             "mean_ms": round(float(ms.mean()), 3),
             "std_ms": round(float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, 3)}
+
+
+def paired_speedup(baseline: Callable[[], Any], candidate: Callable[[], Any], rounds: int,
+                   block_s: float, clock: Callable[[], float] = time.perf_counter
+                   ) -> dict[str, Any]:
+    """Speedup of ``candidate`` over ``baseline`` timed in interleaved rounds: each round runs
+    both for ``block_s`` seconds back to back, in alternating order (AB, BA, ...), so the
+    drift of a shared machine (its speed swings 10-40 % within minutes here) hits both sides
+    alike; the rows of the table are timed minutes apart and are not. A round's speedup is
+    the baseline's median latency over the candidate's; the median over rounds and the
+    range are reported."""
+
+    def median_ms(run: Callable[[], Any]) -> float:
+        times: list[float] = []
+        started = clock()
+        while not times or clock() - started < block_s:
+            t0 = clock()
+            run()
+            times.append(clock() - t0)
+        return float(np.median(times))
+
+    baseline()
+    candidate()
+    speedups = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            a = median_ms(baseline)
+            b = median_ms(candidate)
+        else:
+            b = median_ms(candidate)
+            a = median_ms(baseline)
+        speedups.append(a / b)
+    ordered = sorted(speedups)
+    return {"rounds": rounds, "median": round(float(np.median(speedups)), 3),
+            "low": round(ordered[0], 3), "high": round(ordered[-1], 3),
+            "speedups": [round(x, 3) for x in speedups]}
 
 
 def provider_options(provider: str, params: BenchParams, input_shape: tuple[int, ...],
@@ -372,23 +414,26 @@ def _device_names() -> dict[str, Any]:
 
 
 def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Per device, the fastest accurate onnxruntime row against the fastest PyTorch eager
-    row (the model card copies these lines)."""
+    """Per device, the fastest accurate ONNX row (on the CPU: onnxruntime's CPU provider or
+    OpenVINO, naming the engine that ran it) against the fastest PyTorch eager row (the model
+    card copies these lines)."""
     lines = []
     for device in ("cpu", "cuda"):
         torch_ok = [r for r in rows if r["engine"] == "pytorch" and r["provider"] == device
                     and r["status"] == "ok"]
-        providers = ("cpu",) if device == "cpu" else ("cuda", "tensorrt")
-        ort_ok = [r for r in accurate_rows(rows) if r["provider"] in providers]
-        if not torch_ok or not ort_ok:
-            lines.append(f"{device}: no comparison (accurate onnxruntime rows: {len(ort_ok)}, "
+        providers = ("cpu", "openvino") if device == "cpu" else ("cuda", "tensorrt")
+        onnx_ok = [r for r in accurate_rows(rows) if r["provider"] in providers]
+        if not torch_ok or not onnx_ok:
+            lines.append(f"{device}: no comparison (accurate ONNX rows: {len(onnx_ok)}, "
                          f"PyTorch rows ok: {len(torch_ok)})")
             continue
-        best = max(ort_ok, key=lambda r: r["throughput_ips"])
+        best = max(onnx_ok, key=lambda r: r["throughput_ips"])
         eager = max(torch_ok, key=lambda r: r["throughput_ips"])
-        lines.append(f"{device}: best onnxruntime {best['provider']} {best['variant']} batch "
-                     f"{best['batch_size']} {best['throughput_ips']:.1f} img/s vs best PyTorch "
-                     f"eager (batch {eager['batch_size']}) {eager['throughput_ips']:.1f} img/s: "
+        lines.append(f"{device}: best {best['variant']} on {engine_of(best['provider'])} "
+                     f"({best['provider']}) batch {best['batch_size']} "
+                     f"{best['throughput_ips']:.1f} img/s, accuracy {best['accuracy']:.4f}, vs "
+                     f"best PyTorch eager (batch {eager['batch_size']}) "
+                     f"{eager['throughput_ips']:.1f} img/s: "
                      f"{best['throughput_ips'] / eager['throughput_ips']:.2f}x")
     return lines
 
@@ -556,6 +601,48 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"img_s": max(ok)} if ok else {}
 
 
+def paired_rows(rows: list[dict[str, Any]], params: BenchParams, model_path: Path,
+                variants_dir: Path, pixels: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per batch size, the best accurate CPU path of the table (:func:`_best_cpu_path`) timed
+    against onnxruntime CPU FP32 in interleaved rounds (:func:`paired_speedup`); nothing where
+    that path is CPU FP32 itself, either side did not run, or ``bench.paired_rounds`` is 0."""
+    out: dict[str, dict[str, Any]] = {}
+    if not params.paired_rounds:
+        return out
+    sessions: dict[tuple[str, str], Any] = {}
+
+    def session(provider: str, variant: str) -> Any:
+        if (provider, variant) not in sessions:
+            path = variant_path(model_path, variants_dir, variant)
+            sessions[provider, variant] = make_session(path, provider, params,
+                                                       (1, *pixels.shape[1:]))[0]
+        return sessions[provider, variant]
+
+    for b in sorted(params.batch_sizes):
+        best = _best_cpu_path(rows, b)
+        if best is None or (best["provider"], best["variant"]) == ("cpu", "fp32") or not any(
+                (r["engine"], r["provider"], r["variant"], r["batch_size"], r["status"]) ==
+                ("onnxruntime", "cpu", "fp32", b, "ok") for r in rows):
+            continue
+        print(f"bench: paired {best['provider']} {best['variant']} vs cpu fp32, batch {b}",
+              flush=True)
+        batch = np.ascontiguousarray(_tile(pixels, b))
+        runs = [_ort_runner(session(provider, variant), provider, batch, False, "probabilities")
+                for provider, variant in (("cpu", "fp32"), (best["provider"], best["variant"]))]
+        out[f"best_cpu_path_over_cpu_fp32_b{b}"] = {
+            "provider": best["provider"], "engine": engine_of(best["provider"]),
+            "variant": best["variant"], "batch_size": b,
+            **paired_speedup(*runs, params.paired_rounds, params.paired_block_s)}
+    return out
+
+
+def paired_lines(paired: dict[str, dict[str, Any]]) -> list[str]:
+    return [f"cpu, paired: {p['variant']} on {p['engine']} ({p['provider']}) over onnxruntime "
+            f"cpu fp32 at batch {p['batch_size']}: {p['median']:.2f}x (median of "
+            f"{p['rounds']} interleaved rounds; range {p['low']:.2f}-{p['high']:.2f}x)"
+            for p in paired.values()]
+
+
 def variant_path(model_path: Path, variants_dir: Path, variant: str) -> Path:
     """The file timed for ``variant``: every engine gets the fixed-size network (OpenVINO and
     TensorRT ignore the shipped model's antialiased Resize), FP32 as ``model.fixed.onnx``;
@@ -626,7 +713,8 @@ def run(params: BenchParams, model_path: str | Path, variants_dir: str | Path,
         "rows": report_rows,
     }
     report["ratios"] = ratios(report_rows)
-    report["summary"] = summary_lines(report_rows)
+    report["paired"] = paired_rows(report_rows, params, model_path, variants_dir, pixels)
+    report["summary"] = summary_lines(report_rows) + paired_lines(report["paired"])
     report["machine"] = machine_figures(Path(weights_path), Path(config_path), threads)
     report["fastest"] = fastest(report_rows, report["machine"])
     out_dir.mkdir(parents=True, exist_ok=True)

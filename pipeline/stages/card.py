@@ -24,6 +24,7 @@ from typing import Any
 from ..core.atomic import write_text
 from ..core.dataset import read_prepared, sha256_file
 from ..core.errors import PipelineError
+from ..onnx.contract import ENGINES
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -35,6 +36,24 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     centre = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _engine_results(variant: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-engine results of one export variant; a report from before engines were checked
+    measured its file in onnxruntime only."""
+    return variant.get("engines") or {ENGINES[0]: {
+        "test_accuracy": variant["test_accuracy"], "passed": variant.get("passed", True)}}
+
+
+def _engine_cell(variant: dict[str, Any], engine: str) -> str:
+    result = _engine_results(variant).get(engine)
+    if result is None or "test_accuracy" not in result:
+        return "not run" if result is None else "not run: " + result.get("reason", "unknown")
+    return f"{result['test_accuracy']:.4f}" + ("" if result["passed"] else " (refused)")
+
+
+def _offered(variant: dict[str, Any]) -> list[str]:
+    return [e for e, r in _engine_results(variant).items() if r.get("passed")]
 
 
 def _load(path: str | Path | None) -> dict[str, Any] | None:
@@ -159,11 +178,17 @@ def render(model_path: Path, config: dict[str, Any], summary: dict[str, Any],
 
     if export:
         lines += ["## Export variants (checked against PyTorch on the test split)", "",
-                  "| variant | file | MB | top-1 agreement | test accuracy |",
-                  "|---|---|---|---|---|"]
+                  "Each file is gated in the engine it is built for and run in the other one; "
+                  "its `engines` metadata lists where it passed, and runners refuse it "
+                  "elsewhere.", "",
+                  "| variant | file | MB | built for | top-1 agreement | "
+                  + " | ".join(f"test accuracy in {e}" for e in ENGINES) + " | offered to |",
+                  "|---|---|---|---|---|" + "---|" * len(ENGINES) + "---|"]
         for name, v in export["variants"].items():
             lines.append(f"| {name} | `{v['file']}` | {v['bytes'] / 1e6:.1f} | "
-                         f"{v['top1_agreement']:.4f} | {v['test_accuracy']:.4f} |")
+                         f"{v.get('engine', ENGINES[0])} | {v['top1_agreement']:.4f} | "
+                         + " | ".join(_engine_cell(v, e) for e in ENGINES) + " | "
+                         + (", ".join(_offered(v)) or "none") + " |")
         lines.append("")
     lines += ["## Speed", ""]
     if bench:

@@ -15,7 +15,8 @@ from pipeline.core.params import parse_section
 from pipeline.onnx.runner import OnnxClassifier
 from pipeline.stages.bench import make_session, ort_rows, run
 
-QUICK = BenchParams(batch_sizes=(1, 3), iterations=4, time_budget_s=0.3, warmup=1, threads=2)
+QUICK = BenchParams(batch_sizes=(1, 3), iterations=4, time_budget_s=0.3, warmup=1, threads=2,
+                    paired_rounds=2, paired_block_s=0.05)
 
 
 def _run(exported, tmp_path, params):
@@ -71,10 +72,26 @@ def test_cpu_rows_are_complete_and_accuracy_is_real(exported, tmp_path):
                 ("onnxruntime", "cpu", "int8", 1))
     int8_accurate = int8["accuracy"] >= fp32["accuracy"] - 0.01
     assert ("cpu_int8_over_fp32_b1" in report["ratios"]) == int8_accurate
-    best = max((r for r in ok if r["engine"] == "onnxruntime" and r["provider"] == "cpu"
+    best = max((r for r in ok if r["engine"] == "onnxruntime"
+                and r["provider"] in ("cpu", "openvino")
                 and r["accuracy"] >= fp32["accuracy"] - 0.01), key=lambda r: r["throughput_ips"])
+    engine = "openvino" if best["provider"] == "openvino" else "onnxruntime"
     assert report["summary"][0].startswith(
-        f"cpu: best onnxruntime cpu {best['variant']} batch {best['batch_size']} ")
+        f"cpu: best {best['variant']} on {engine} ({best['provider']}) batch "
+        f"{best['batch_size']} ")
+    # the best accurate CPU path, timed paired against CPU FP32 at each batch size
+    for b in (1, 3):
+        paired = report["paired"].get(f"best_cpu_path_over_cpu_fp32_b{b}")
+        fastest_b = max((r for r in ok if r["engine"] == "onnxruntime" and r["batch_size"] == b
+                         and r["provider"] in ("cpu", "openvino")
+                         and r["accuracy"] >= fp32["accuracy"] - 0.01),
+                        key=lambda r: r["throughput_ips"])
+        if (fastest_b["provider"], fastest_b["variant"]) == ("cpu", "fp32"):
+            assert paired is None
+        else:
+            assert (paired["provider"], paired["variant"]) == (fastest_b["provider"],
+                                                               fastest_b["variant"])
+            assert paired["rounds"] == QUICK.paired_rounds and paired["median"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
@@ -221,8 +238,15 @@ def test_the_summary_ratios_headline_and_fastest_path_never_advertise_an_inaccur
     from pipeline.stages.bench import fastest, headline, ratios, summary_lines
 
     lines = summary_lines(LOSSY)
-    assert lines[0] == ("cpu: best onnxruntime cpu int8 batch 32 301.0 img/s vs best PyTorch "
-                        "eager (batch 32) 45.0 img/s: 6.69x")
+    assert lines[0] == ("cpu: best int8 on onnxruntime (cpu) batch 32 301.0 img/s, accuracy "
+                        "0.9888, vs best PyTorch eager (batch 32) 45.0 img/s: 6.69x")
+    # an accurate OpenVINO file is the CPU's best path, and the line names its engine
+    made_for_openvino = LOSSY + [_row("onnxruntime", "openvino", "int8_openvino", 32, 420.0,
+                                      0.9926)]
+    assert summary_lines(made_for_openvino)[0] == (
+        "cpu: best int8_openvino on openvino (openvino) batch 32 420.0 img/s, accuracy 0.9926, "
+        "vs best PyTorch eager (batch 32) 45.0 img/s: 9.33x")
+    assert headline(made_for_openvino) == {"img_s": 420.0}
     assert headline(LOSSY) == {"img_s": 301.0}
     assert fastest(LOSSY, {})["cpu_throughput"]["variant"] == "int8"
     assert fastest(LOSSY, {})["cpu_throughput"]["provider"] == "cpu"
@@ -244,7 +268,7 @@ def test_without_a_cpu_fp32_row_the_reference_is_pytorch_and_without_either_noth
     assert reference_accuracy(openvino_only) is None
     assert accurate_rows(openvino_only) == [] and headline(openvino_only) == {}
     assert summary_lines(openvino_only)[0].startswith("cpu: no comparison (accurate "
-                                                      "onnxruntime rows: 0")
+                                                      "ONNX rows: 0")
     # the limit is inclusive, and a failed row never counts whatever its accuracy
     edge = [_row("onnxruntime", "cpu", "fp32", 1, 10.0, 0.90),
             _row("onnxruntime", "cpu", "int8", 1, 20.0, 0.89),
@@ -317,4 +341,90 @@ def test_a_device_whose_pytorch_rows_did_not_run_has_no_comparison():
                      "batch_size": 32, "status": "unavailable",
                      "reason": "torch sees no CUDA device"}]
     lines = summary_lines(rows)
-    assert lines[1] == ("cuda: no comparison (accurate onnxruntime rows: 1, PyTorch rows ok: 0)")
+    assert lines[1] == ("cuda: no comparison (accurate ONNX rows: 1, PyTorch rows ok: 0)")
+
+
+# --------------------------------------------------------------------------- paired timing
+
+
+class FakeClock:
+    """A clock that only moves when a fake session runs: each run costs its own seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.calls: list[str] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runner(self, name: str, costs: list[float]):
+        def run():
+            self.calls.append(name)
+            self.now += costs[min(len([c for c in self.calls if c == name]), len(costs)) - 1]
+        return run
+
+
+def test_paired_speedup_is_the_median_of_interleaved_rounds_of_median_latencies():
+    from pipeline.stages.bench import paired_speedup
+
+    clock = FakeClock()
+    # the baseline costs 2 s a run, the candidate 1 s, but the candidate's first runs are
+    # slow (its warm-up): a round's median latency ignores them, the warm-up run takes them
+    baseline = clock.runner("a", [2.0])
+    candidate = clock.runner("b", [9.0, 1.0])
+    out = paired_speedup(baseline, candidate, rounds=4, block_s=3.0, clock=clock)
+    assert out["rounds"] == 4 and out["speedups"] == [2.0] * 4
+    assert out["median"] == out["low"] == out["high"] == 2.0
+    # one warm-up run each, then blocks alternate: AB, BA, AB, BA (each block runs until
+    # block_s has passed: 2 runs of 2 s, 3 runs of 1 s)
+    blocks = "".join(clock.calls[2:])
+    assert clock.calls[:2] == ["a", "b"]
+    assert blocks == "aa" + "bbb" + "bbb" + "aa" + "aa" + "bbb" + "bbb" + "aa"
+
+
+def test_paired_speedup_reports_the_median_and_the_range_over_rounds():
+    from pipeline.stages.bench import paired_speedup
+
+    clock = FakeClock()
+    # the machine slows down for the second and third rounds; the speedup stays 3x in all
+    # but one round, where the candidate alone was slowed
+    costs_a = [3.0] + [3.0] * 2 + [6.0] * 4 + [3.0] * 10
+    costs_b = [1.0] + [1.0] * 4 + [2.0] * 4 + [3.0] * 4 + [1.0] * 10
+    out = paired_speedup(clock.runner("a", costs_a), clock.runner("b", costs_b), rounds=5,
+                         block_s=3.5, clock=clock)
+    assert len(out["speedups"]) == 5
+    assert out["median"] == float(np.median(out["speedups"]))
+    assert out["low"] == min(out["speedups"]) and out["high"] == max(out["speedups"])
+    assert out["low"] < out["median"]
+
+
+def test_the_best_cpu_path_is_timed_paired_against_cpu_fp32(exported, tmp_path):
+    from pipeline.stages.bench import paired_lines, paired_rows
+
+    root, _ = exported
+    model, variants = root / "out" / "model.onnx", root / "out" / "variants"
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 160, 160, 3), dtype=np.uint8)
+    params = BenchParams(batch_sizes=(1, 3), paired_rounds=3, paired_block_s=0.05, threads=2)
+    rows = [_row("onnxruntime", "cpu", "fp32", 1, 100.0, 0.99),
+            _row("onnxruntime", "cpu", "int8", 1, 150.0, 0.99),
+            _row("onnxruntime", "cpu", "fp32", 3, 100.0, 0.99),
+            _row("onnxruntime", "cpu", "int8", 3, 90.0, 0.99)]
+    out = paired_rows(rows, params, model, variants, pixels)
+    # batch 3's best path is CPU FP32 itself: nothing to pair
+    assert list(out) == ["best_cpu_path_over_cpu_fp32_b1"]
+    p = out["best_cpu_path_over_cpu_fp32_b1"]
+    assert (p["provider"], p["engine"], p["variant"], p["batch_size"], p["rounds"]) == \
+        ("cpu", "onnxruntime", "int8", 1, 3)
+    assert len(p["speedups"]) == 3 and p["low"] <= p["median"] <= p["high"] and p["low"] > 0
+    assert paired_lines(out) == [
+        f"cpu, paired: int8 on onnxruntime (cpu) over onnxruntime cpu fp32 at batch 1: "
+        f"{p['median']:.2f}x (median of 3 interleaved rounds; range {p['low']:.2f}-"
+        f"{p['high']:.2f}x)"]
+    # off, or no CPU FP32 row that ran at that batch size: nothing
+    assert paired_rows(rows, BenchParams(paired_rounds=0, batch_sizes=(1,)), model, variants,
+                       pixels) == {}
+    no_fp32 = [rows[1], {**rows[0], "status": "fallback"}]
+    assert paired_rows(no_fp32, params, model, variants, pixels) == {}
+    # an inaccurate faster file is never paired: the best accurate path is FP32 itself
+    lossy = [rows[0], _row("onnxruntime", "cpu", "int8", 1, 150.0, 0.97)]
+    assert paired_rows(lossy, params, model, variants, pixels) == {}

@@ -683,9 +683,23 @@ def test_card_reads_every_figure_from_the_stage_outputs(exported, tmp_path):
         assert f"plain softmax (not calibrated: {cal['fallback']})" in card
     assert f"the last {finetuned['blocks']} of {finetuned['num_block_groups']} block groups" \
         in card
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in card.splitlines()
+            if line.startswith("| ") and " | `" in line}
     for name in ("fp32", "fixed", "fp16", "int8"):
         v = export_report["variants"][name]
         assert f"| {name} | `{v['file']}` |" in card and f"{v['test_accuracy']:.4f} |" in card
+        cells = rows[name]
+        assert cells[3] == v["engine"]
+        offered = [e for e, r in v["engines"].items() if r["passed"]]
+        assert cells[-1] == (", ".join(offered) or "none") + " |"
+        for engine, cell in zip(("onnxruntime", "openvino"), cells[5:7]):
+            result = v["engines"][engine]
+            if "test_accuracy" in result:
+                assert cell == f"{result['test_accuracy']:.4f}" + (
+                    "" if result["passed"] else " (refused)")
+            else:
+                assert cell == f"not run: {result['reason']}"
+    assert rows["fp32"][6].startswith("not run: resizes inside the graph")
     assert "Not measured: `reports/bench.json` is missing" in card
     ood = export_report["out_of_distribution"]
     assert ("the `mahalanobis+msp` score of its pooled features and logits, fitted on the train "
