@@ -92,7 +92,8 @@ MODULES: tuple[Module, ...] = (
             "and_without_either_nothing_counts",
             "tests/stages/test_bench.py::test_cuda_options_carry_the_tf32_choice",
             "tests/stages/test_bench.py"), 240,
-           ("summary_lines", "_best_cpu_path", "fastest", "ratios", "headline")),
+           ("summary_lines", "_best_cpu_path", "fastest", "ratios", "headline",
+            "paired_speedup", "paired_rows", "paired_lines")),
     Module("sessions (accurate rows, provider choice)", "pipeline/onnx/sessions.py",
            ("tests/onnx/test_sessions.py",
             "tests/stages/test_bench.py::test_without_a_cpu_fp32_row_the_reference_is_pytorch_"
@@ -113,6 +114,10 @@ MODULES: tuple[Module, ...] = (
            ("tests/tools/test_predict.py",), 120),
     Module("auto (resolution)", "pipeline/core/auto.py", ("tests/core/test_auto.py",), 60),
     Module("ood (scores, fit, metrics)", "pipeline/core/ood.py", ("tests/core/test_ood.py",), 60),
+    Module("runner-engines (the engine check)", "pipeline/onnx/runner.py",
+           ("tests/stages/test_export.py::test_a_file_is_refused_on_an_engine_its_export_did_"
+            "not_pass", "tests/onnx/test_sessions.py", "tests/onnx/test_runner.py"), 240,
+           ("_variant", "_check_engine", "_suggest")),
     Module("card (variant engines)", "pipeline/stages/card.py",
            ("tests/stages/test_export.py::test_card_reads_every_figure_from_the_stage_outputs",
             "tests/stages/test_export.py"), 150,

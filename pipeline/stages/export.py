@@ -583,6 +583,7 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
     from ..core.calibration import calibration_report, choose_temperature, reliability, softmax
     from ..core.model import load_model
 
+    started = time.perf_counter()
     threads = resolve_threads(params.threads)
     torch.set_num_threads(threads)
     out_path, variants_dir = Path(out_path), Path(variants_dir)
@@ -672,7 +673,9 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                 report["preprocessing"] = preprocessing_check(classifier, staged["fp32"], decoded,
                                                               pixels, pp, temperature, threads)
             report["skipped_variants"] = {}
+            build_s: dict[str, float] = {}
             for variant in params.variants:
+                variant_started = time.perf_counter()
                 staged[variant] = Path(work) / VARIANTS[variant].file
                 try:
                     report |= STEPS[variant].build(fixed, staged[variant], params,
@@ -690,8 +693,10 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                     checks.thresholds[variant] = round(float(np.quantile(val_in, 1 - TPR)), 6)
                     set_metadata(staged[variant], out_of_distribution=json.dumps(
                         _ood_entry(detector) | {"threshold": checks.thresholds[variant]}))
+                build_s[variant] = round(time.perf_counter() - variant_started, 1)
             # 3. check every file against PyTorch; any gate that fails stops the stage
             for variant, path in staged.items():
+                check_started = time.perf_counter()
                 engine = VARIANTS.get(variant, VARIANTS["fixed"]).engine
                 row = _measure(variant, path, checks, params, pp, raw_input, engine)
                 report["variants"][variant] = row
@@ -699,6 +704,10 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                 engines = _engine_checks(variant, path, row, checks, report, params, pp,
                                          raw_input)
                 set_metadata(path, engines=json.dumps(engines))
+                # what this variant adds to the stage: its build (variants only; the FP32
+                # files come with the export itself) and its checks in every engine
+                row["build_s"] = build_s.get(variant)
+                row["check_s"] = round(time.perf_counter() - check_started, 1)
             if raw_input and report["preprocessing"]["odd_size_top1_agreement"] < 1.0:
                 failures.append(f"the shipped model disagrees with PyTorch on "
                                 f"{1 - report['preprocessing']['odd_size_top1_agreement']:.1%} of "
@@ -726,6 +735,7 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
                       ((f"{r['confidence']:.6g}", f"{r['accuracy']:.6g}", r["count"])
                        for r in reliability(softmax(ref_logits, t), labels,
                                             params.reliability_bins)))
+    report["seconds"] = round(time.perf_counter() - started, 1)
     write_json(report_path, report)
     if metrics_path is not None:
         write_json(metrics_path, headline(report))
@@ -743,7 +753,10 @@ def run(params: ExportParams, model_path: str | Path, config_path: str | Path,
         print(f"export {variant:13s} {row['file']:26s} {row['bytes'] / 1e6:6.1f} MB  max |diff| "
               f"probs {row['max_abs_diff_probabilities']:.2e}  top-1 agreement "
               f"{row['top1_agreement']:.4f}  test accuracy {row['test_accuracy']:.4f} "
-              f"({row.get('engine', 'onnxruntime')}{'; ' + others if others else ''})")
+              f"({row.get('engine', 'onnxruntime')}{'; ' + others if others else ''}); "
+              + (f"built in {row['build_s']} s, " if row.get("build_s") is not None else "")
+              + f"checked in {row['check_s']} s")
+    print(f"export: {report['seconds']} s in all")
     return report
 
 

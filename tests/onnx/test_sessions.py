@@ -47,6 +47,25 @@ def test_auto_picks_the_fastest_accurate_engine_for_this_kind_of_file(tmp_path,
     assert sessions.auto_provider(True, "fp32", bench)[0] == "cpu"
 
 
+def test_auto_offers_a_file_only_to_the_engines_its_export_passed(tmp_path,
+                                                                  everything_available):
+    """The INT8 file made for OpenVINO is fastest there; onnxruntime's own INT8 file is
+    faster in OpenVINO too but was refused there: each goes only to the engines it lists."""
+    from pipeline.core.runtime import machine_fingerprint
+
+    bench = _here(tmp_path / "bench.json", [
+        row("cpu", "fp32", 32, 150, 0.99),
+        row("cpu", "int8", 32, 200, 0.985), row("openvino", "int8", 32, 450, 0.985),
+        row("cpu", "int8_openvino", 32, 40, 0.99), row("openvino", "int8_openvino", 32, 400, 0.985),
+    ], machine_fingerprint())
+    assert sessions.auto_provider(False, "int8_openvino", bench, engines=["openvino"])[0] == \
+        "openvino"
+    assert sessions.auto_provider(False, "int8", bench, engines=["onnxruntime"])[0] == "cpu"
+    assert sessions.auto_provider(False, "int8", bench)[0] == "openvino"  # older files: both
+    name, why = sessions.auto_provider(False, "int8_openvino", bench, engines=["onnxruntime"])
+    assert name == "cpu" and "40 img/s" in why
+
+
 def test_auto_without_a_report_uses_the_fixed_order(tmp_path, monkeypatch):
     monkeypatch.setattr(sessions, "unavailable_reason",
                         lambda name: None if name in ("cpu", "openvino") else "absent")

@@ -57,6 +57,14 @@ def test_export_checks_pass_and_are_recorded(exported):
         assert row["engines"][row["engine"]]["test_accuracy"] == row["test_accuracy"]
     assert report["variants"]["int8_openvino"]["engine"] == "openvino"
     assert report["variants"]["int8"]["engine"] == "onnxruntime"
+    # the time each variant adds: its build (the FP32 files come with the export) and its
+    # checks in every engine, within the stage's own time
+    rows = report["variants"]
+    assert rows["fp32"]["build_s"] is None and rows["fixed"]["build_s"] is None
+    assert all(rows[v]["build_s"] > 0 for v in ("fp16", "int8", "int8_openvino"))
+    assert rows["int8_openvino"]["build_s"] >= report["int8_openvino_quantize_s"]
+    assert all(r["check_s"] > 0 for r in rows.values())
+    assert sum(r["check_s"] + (r["build_s"] or 0) for r in rows.values()) < report["seconds"]
     assert "openvino" not in file_contract(root / "out" / "model.onnx")["engines"]
     assert "test_accuracy" in report["variants"]["int8"]["engines"]["openvino"]
     nncf_model = onnx.load(str(root / "out" / "variants" / "model.int8.openvino.onnx"))
