@@ -119,7 +119,9 @@ MODULES: tuple[Module, ...] = (
             "not_pass", "tests/onnx/test_sessions.py", "tests/onnx/test_runner.py"), 240,
            ("_variant", "_check_engine", "_suggest")),
     Module("card (variant engines)", "pipeline/stages/card.py",
-           ("tests/stages/test_export.py::test_card_reads_every_figure_from_the_stage_outputs",
+           ("tests/stages/test_export.py::test_card_engine_cells_for_reports_with_and_without_"
+            "engines",
+            "tests/stages/test_export.py::test_card_reads_every_figure_from_the_stage_outputs",
             "tests/stages/test_export.py"), 150,
            ("_engine_results", "_engine_cell", "_offered")),
 )

@@ -13,7 +13,8 @@ from PIL import Image
 
 from pipeline.core.runtime import resolve_threads
 from pipeline.onnx.contract import encode_metadata
-from pipeline.onnx.runner import ModelError, OnnxClassifier, _resizes_in_graph, file_contract
+from pipeline.onnx.runner import (ModelError, OnnxClassifier, _resizes_in_graph, _suggest,
+                                  _variant, file_contract)
 
 from .test_contract import values
 
@@ -225,3 +226,15 @@ def test_the_width_checked_is_that_of_the_probabilities_output(tmp_path):
     assert [o.name for o in runner.session.get_outputs()][0] == "extra"
     (top,) = runner.predict_images([Image.open(colour_image(tmp_path / "g.png", 1))], top_k=1)
     assert top[0][0] == "green"
+
+
+def test_the_variant_and_the_file_suggested_for_an_engine():
+    """``_variant`` feeds ``--providers auto`` (rows are per variant); older files have only a
+    precision. A refused file names the INT8 file made for the engine asked for. Engine names
+    are built at run time, as read from a file, not the code's interned literals."""
+    assert _variant({"variant": "int8_openvino", "precision": "int8"}) == "int8_openvino"
+    assert _variant({"variant": "", "precision": "fp16"}) == "fp16"
+    assert _variant({"precision": "int8"}) == "int8" and _variant({}) == "fp32"
+    assert _suggest("".join(["open", "vino"])) == "model.int8.openvino.onnx"
+    assert _suggest("".join(["onnx", "runtime"])) == "model.int8.onnx"
+    assert _suggest("tensorrt") == "model.fixed.onnx"

@@ -525,8 +525,15 @@ def test_a_file_is_refused_on_an_engine_its_export_did_not_pass(exported, tmp_pa
     shutil.copyfile(root / "out" / "variants" / "model.int8.onnx", path)
     set_metadata(path, engines=json.dumps(["openvino"]))
     write_sidecar(path)
-    with pytest.raises(ModelError, match=r"checked this file for openvino only .*"
-                                         r"model\.fixed\.onnx|checked this file for openvino"):
+    with pytest.raises(ModelError) as refused:
+        OnnxClassifier(path, providers=["cpu"])
+    assert str(refused.value) == (
+        f"{path}: export checked this file for openvino only (it lost accuracy in onnxruntime, "
+        "see reports/export.json); use the variant made for it (model.int8.onnx) or another "
+        "--providers")
+    set_metadata(path, engines=json.dumps([]))
+    write_sidecar(path)
+    with pytest.raises(ModelError, match="checked this file for no engine only"):
         OnnxClassifier(path, providers=["cpu"])
     assert auto_provider(False, "int8", None, engines=["onnxruntime"])[0] != "openvino"
     set_metadata(path, engines=json.dumps(["onnxruntime", "openvino"]))
@@ -663,6 +670,32 @@ def test_wilson_interval_known_values():
     low, high = wilson_interval(0, 10)
     assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
     assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_card_engine_cells_for_reports_with_and_without_engines():
+    """A report from before engines were checked measured each file in onnxruntime only; a
+    refused engine is marked, an engine that did not run says why, and only passing engines
+    are offered."""
+    from pipeline.stages.card import _engine_cell, _offered
+
+    old = {"test_accuracy": 0.98765, "passed": True}
+    assert (_engine_cell(old, "onnxruntime"), _engine_cell(old, "openvino")) == \
+        ("0.9877", "not run")
+    assert _offered(old) == ["onnxruntime"]
+    assert _offered({"test_accuracy": 0.5}) == ["onnxruntime"]  # no gate recorded: it passed
+    assert _offered({"test_accuracy": 0.5, "passed": False}) == []
+    new = {"test_accuracy": 0.99, "engines": {
+        "openvino": {"test_accuracy": 0.9, "passed": False, "reason": "lost accuracy"},
+        "onnxruntime": {"test_accuracy": 0.99, "passed": True}}}
+    assert _engine_cell(new, "openvino") == "0.9000 (refused)"
+    assert _engine_cell(new, "onnxruntime") == "0.9900"
+    assert _offered(new) == ["onnxruntime"]
+    missing = {"test_accuracy": 0.99, "engines": {
+        "onnxruntime": {"test_accuracy": 0.99, "passed": True},
+        "openvino": {"passed": False, "reason": "the openvino runtime is not installed"}}}
+    assert _engine_cell(missing, "openvino") == "not run: the openvino runtime is not installed"
+    assert _engine_cell({"engines": {"openvino": {"passed": False}}}, "openvino") == \
+        "not run: unknown"
 
 
 def test_card_reads_every_figure_from_the_stage_outputs(exported, tmp_path):
