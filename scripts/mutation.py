@@ -56,8 +56,11 @@ class Module:
 
     @property
     def stem(self) -> str:
-        """The name of its files in the sessions folder."""
-        return self.path.replace("/", "_").removesuffix(".py")
+        """The name of its files in the sessions folder: from its path, plus its first name
+        word when an earlier entry of ``MODULES`` already scopes the same file."""
+        base = self.path.replace("/", "_").removesuffix(".py")
+        first = next(m for m in MODULES if m.path == self.path)
+        return base if first.name == self.name else f"{base}__{self.name.split()[0]}"
 
     def test_command(self) -> list[str]:
         return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",

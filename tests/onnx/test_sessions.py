@@ -64,6 +64,12 @@ def test_auto_offers_a_file_only_to_the_engines_its_export_passed(tmp_path,
     assert sessions.auto_provider(False, "int8", bench)[0] == "openvino"  # older files: both
     name, why = sessions.auto_provider(False, "int8_openvino", bench, engines=["onnxruntime"])
     assert name == "cpu" and "40 img/s" in why
+    # equal speed: the row measured at the smaller batch wins (it also serves single images)
+    tie = _here(tmp_path / "tie.json", [
+        row("cpu", "fp32", 32, 150, 0.99), row("openvino", "int8", 32, 300, 0.985),
+        row("cpu", "int8", 1, 300, 0.985)], machine_fingerprint())
+    name, why = sessions.auto_provider(False, "int8", tie)
+    assert name == "cpu" and "at batch 1" in why
 
 
 def test_auto_without_a_report_uses_the_fixed_order(tmp_path, monkeypatch):

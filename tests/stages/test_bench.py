@@ -420,6 +420,10 @@ def test_the_best_cpu_path_is_timed_paired_against_cpu_fp32(exported, tmp_path):
         f"cpu, paired: int8 on onnxruntime (cpu) over onnxruntime cpu fp32 at batch 1: "
         f"{p['median']:.2f}x (median of 3 interleaved rounds; range {p['low']:.2f}-"
         f"{p['high']:.2f}x)"]
+    # any other file is paired, one that sorts before "fp32" too
+    fp16 = [rows[0], _row("onnxruntime", "cpu", "fp16", 1, 120.0, 0.99)]
+    assert paired_rows(fp16, params, model, variants, pixels)[
+        "best_cpu_path_over_cpu_fp32_b1"]["variant"] == "fp16"
     # off, or no CPU FP32 row that ran at that batch size: nothing
     assert paired_rows(rows, BenchParams(paired_rounds=0, batch_sizes=(1,)), model, variants,
                        pixels) == {}

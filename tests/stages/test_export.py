@@ -541,6 +541,68 @@ def test_a_file_is_refused_on_an_engine_its_export_did_not_pass(exported, tmp_pa
     assert OnnxClassifier(path, providers=["cpu"]).provider == "CPUExecutionProvider"
 
 
+def test_each_file_runs_in_the_other_engine_and_lists_only_the_engines_it_passed(monkeypatch):
+    """``_engine_checks`` directly (the export fixture runs it once, from unmutated code): the
+    own engine's row is the gate already run; the other engine is measured and gated with the
+    same rule; the raw-pixel FP32 model is never run in OpenVINO; a missing OpenVINO is a
+    reason, not a pass."""
+    from pipeline.core.config import ExportParams
+    from pipeline.stages import export as stage
+
+    measured = []
+    accuracy = {"onnxruntime": 0.99, "openvino": 0.95}
+
+    def fake_measure(variant, path, checks, params, pp, raw_input, engine):
+        assert checks.ref_in is None  # the detector is checked in the file's own engine only
+        measured.append((variant, engine))
+        return {"test_accuracy": accuracy[engine], "top1_agreement": 1.0,
+                "max_abs_diff_probabilities": 0.0, "max_abs_diff_logits": None}
+
+    monkeypatch.setattr(stage, "_measure", fake_measure)
+    monkeypatch.setattr(stage, "_openvino_missing", lambda: None)
+    checks = stage.Checks([], np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), 0,
+                          ref_in=np.ones(3))
+    params = ExportParams()
+    report = {"variants": {"fp32": {"test_accuracy": 0.99}}}
+
+    def engines_of(variant, own_accuracy, passed, raw_input=True):
+        row = {"test_accuracy": own_accuracy, "top1_agreement": 1.0, "passed": passed}
+        out = stage._engine_checks(variant, Path("x.onnx"), row, checks, report, params, None,
+                                   raw_input)
+        return out, row
+
+    # onnxruntime's INT8 file: passed in onnxruntime, 4 points off in OpenVINO: refused there
+    engines, row = engines_of("int8", 0.985, True)
+    assert engines == ["onnxruntime"] and measured == [("int8", "openvino")]
+    assert row["engine"] == "onnxruntime"
+    assert row["engines"]["onnxruntime"] == {"test_accuracy": 0.985, "top1_agreement": 1.0,
+                                             "passed": True}
+    other = row["engines"]["openvino"]
+    assert (other["test_accuracy"], other["passed"]) == (0.95, False)
+    assert other["reason"].startswith("int8 test accuracy 0.9500 is 0.0400 below fp32")
+    # NNCF's file: gated in OpenVINO (failed there), passes in onnxruntime
+    measured.clear()
+    engines, row = engines_of("int8_openvino", 0.95, False)
+    assert engines == ["onnxruntime"] and measured == [("int8_openvino", "onnxruntime")]
+    assert row["engine"] == "openvino" and "reason" not in row["engines"]["onnxruntime"]
+    accuracy["openvino"] = 0.99
+    engines, _ = engines_of("int8_openvino", 0.99, True)
+    assert engines == ["openvino", "onnxruntime"]
+    # the raw-pixel FP32 model is not run in OpenVINO; the fixed-size one is
+    measured.clear()
+    engines, row = engines_of("fp32", 0.99, True)
+    assert engines == ["onnxruntime"] and measured == []
+    assert row["engines"]["openvino"]["reason"].startswith("resizes inside the graph")
+    engines, row = engines_of("fp32", 0.99, True, raw_input=False)
+    assert measured == [("fp32", "openvino")]
+    # without OpenVINO here: its reason, and the file is offered to onnxruntime only
+    monkeypatch.setattr(stage, "_openvino_missing", lambda: "NNCF is not installed")
+    measured.clear()
+    engines, row = engines_of("int8", 0.985, True)
+    assert engines == ["onnxruntime"] and measured == []
+    assert row["engines"]["openvino"] == {"passed": False, "reason": "NNCF is not installed"}
+
+
 def test_export_params_reject_unknown_variant():
     from pipeline.core.errors import ParamsError
     from pipeline.core.params import parse_section
