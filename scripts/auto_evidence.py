@@ -14,40 +14,25 @@ Run: ``python scripts/auto_evidence.py digits`` (or a folder of ``root/<class>/*
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from evidence_project import REPO, default_params, fresh_project
 
-REPO = Path(__file__).resolve().parents[1]
 AUTO = {"backbone": {"layer": "auto"},
         "finetune": {"blocks": "auto", "lr_backbone": "auto", "lr_head": "auto"},
         "advise": {"verify": 4}}
 
 
 def run_side(name: str, data: str, auto: bool, work: Path) -> dict:
-    work.mkdir(parents=True)
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    shutil.copytree(REPO / "pipeline", work / "pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    if data != "digits":
-        params["prepare"] |= {"source": "folder", "path": str(Path(data).resolve())}
-    else:
-        (work / "data" / "images").mkdir(parents=True)
+    params = default_params(data)
     if auto:
         for section, values in AUTO.items():
             params[section] |= values
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
-                ["dvc", "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=work, env=env, check=True)
+    env = fresh_project(work, params)
     t0 = time.perf_counter()
     subprocess.run(["dvc", "repro", "finetune"], cwd=work, env=env, check=True)
     seconds = round(time.perf_counter() - t0, 1)

@@ -16,17 +16,14 @@ Run: ``python scripts/make_evidence_sets.py /tmp/evsets`` then
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from evidence_project import REPO, default_params, fresh_project
 
-REPO = Path(__file__).resolve().parents[1]
 GATE = 0.01  # the default export.int8_max_accuracy_drop
 VARIANTS = ("int8", "int8_openvino")
 
@@ -53,18 +50,9 @@ def rows_of(name: str, report: dict, seconds: float | None) -> list[dict]:
 
 
 def run_set(data: Path, work: Path) -> tuple[dict, float]:
-    work.mkdir(parents=True)
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
-    shutil.copytree(REPO / "pipeline", work / "pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"] |= {"source": "folder", "path": str(data.resolve())}
+    params = default_params(str(data))
     params["export"] |= {"variants": list(VARIANTS), "int8_max_accuracy_drop": 1.0}
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
-                ["dvc", "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=work, env=env, check=True)
+    env = fresh_project(work, params)
     subprocess.run(["dvc", "repro", "finetune"], cwd=work, env=env, check=True)
     t0 = time.perf_counter()
     subprocess.run(["dvc", "repro", "export"], cwd=work, env=env, check=True)
